@@ -1,0 +1,3 @@
+from nlpkit.cli import app
+
+app()

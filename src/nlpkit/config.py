@@ -1,0 +1,191 @@
+"""THE schema: one pydantic model for every stage, recipe loading, KEY=VALUE overrides, did-you-mean.
+
+A recipe is YAML. `nlpkit finetune RECIPE key=value ...` applies the overrides to the parsed YAML *before*
+validation, so an override is checked exactly like a key written in the file. Every problem is collected and
+reported at once as `dotted.key: problem (got X); did you mean Y?`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nlpkit.errors import NlpkitError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name: str = "minilm"  # embedded alias (`nlpkit env` lists them), local directory, or hub id
+    revision: str | None = None  # hub revision; ignored for local directories and aliases
+    trust_remote_code: bool = False  # runs Python shipped with the model: only for models you trust
+    allow_pickle: bool = False  # .bin/.pt weights can run code when loaded; safetensors only by default
+
+
+class DataSection(Section):
+    train: str  # catalog name (sst2, ag_news, ...), file, folder, or hub id; "NAME:split" picks a split
+    eval: str | None = None  # same forms; default: the catalog's eval split, else no evaluation
+    mirror: str | None = None  # local copy of catalog datasets (default: $NLPKIT_DATA_DIR)
+    text_column: str | None = None  # default: the catalog's, else text/sentence/content/review
+    text_pair_column: str | None = None  # second segment for pair tasks (NLI, QA relevance)
+    label_column: str | None = None  # default: the catalog's, else label/labels
+    label_names: dict[str, str] | None = None  # raw label value -> display name, e.g. {"0": negative}
+    problem_type: Literal["auto", "single_label", "multi_label", "regression"] = "auto"
+    max_length: int = Field(128, gt=0)  # tokens; longer inputs are truncated
+    max_train_samples: int | None = Field(None, gt=0)  # seeded random subset, for quick runs
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainSection(Section):
+    # Names copy transformers.TrainingArguments so what users know carries over.
+    learning_rate: float = Field(5e-5, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = Field(32, gt=0)
+    per_device_eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: float = Field(0.06, ge=0)  # < 1 is a fraction of all steps (transformers 5 semantics)
+    lr_scheduler_type: str = "linear"
+    seed: int = 42
+    # bf16 autocast: "auto" turns it on where the hardware runs bf16 fast (CUDA with bf16, CPUs with avx512_bf16/AMX).
+    bf16: Literal["auto"] | bool = "auto"
+    # group_by_length batches similar lengths together: with dynamic padding, far less padding computed.
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "group_by_length"
+    logging_steps: int = Field(50, gt=0)
+    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    eval_steps: int | None = Field(None, gt=0)
+    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(1, gt=0)
+    # Other TrainingArguments fields, passed through as they are; names are checked against the class.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(Section):
+    stage: Literal["classify"]
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply dotted KEY=VALUE overrides, validate everything, return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.stem for p in recipes_dir().glob("*.yaml")) if recipes_dir().is_dir() else []
+        hint = f"; shipped recipes: {', '.join(shipped)}" if shipped else ""
+        raise NlpkitError(f"recipe {path}: no such file{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise NlpkitError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise NlpkitError(f"recipe {path}: must be a mapping of sections (stage:, model:, data:, train:)")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in the raw recipe dict; the value is parsed as a YAML scalar (3e-5, true, null, [a, b])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise NlpkitError(f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=3e-5")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise NlpkitError(f"override {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        cfg = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise NlpkitError("\n".join(f"{source}: {line}" for line in _describe(e))) from None
+    problems = check_recipe(cfg)
+    if problems:
+        raise NlpkitError("\n".join(f"{source}: {p}" for p in problems))
+    return cfg
+
+
+def check_recipe(cfg: Recipe) -> list[str]:
+    """Rules that span fields or sections. Returns every problem; never changes the config."""
+    problems = []
+    train = cfg.train
+    if train.eval_strategy == "steps" and train.eval_steps is None:
+        problems.append("train.eval_steps: required when train.eval_strategy is 'steps' (e.g. train.eval_steps=200)")
+    if train.save_strategy == "steps" and train.save_steps is None:
+        problems.append("train.save_steps: required when train.save_strategy is 'steps' (e.g. train.save_steps=500)")
+    if cfg.data.problem_type == "regression" and cfg.data.label_names:
+        problems.append("data.label_names: a regression target has no label names; remove it or change data.problem_type")
+    problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields))
+    return problems
+
+
+def _check_extra(extra: dict, modeled: set[str]) -> list[str]:
+    from transformers import TrainingArguments  # heavy import, only when extra keys are given
+
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    problems = []
+    for key in extra:
+        if key in modeled:
+            problems.append(f"train.extra.{key}: set it as train.{key}, not under train.extra")
+        elif key not in allowed:
+            problems.append(f"train.extra.{key}: not a TrainingArguments field{_did_you_mean(key, allowed)}")
+    return problems
+
+
+def _describe(error: ValidationError) -> list[str]:
+    lines = []
+    for err in error.errors():
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            lines.append(f"{key}: unknown key{_did_you_mean(loc[-1], known)}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})")
+    return lines
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes/ folder of a source checkout (installs with `pip install -e .` keep it)."""
+    return Path(__file__).resolve().parents[2] / "recipes"

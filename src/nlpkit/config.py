@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nlpkit.errors import NlpkitError
 
@@ -41,6 +41,12 @@ class DataSection(Section):
     max_length: int = Field(128, gt=0)  # tokens; longer inputs are truncated
     max_train_samples: int | None = Field(None, gt=0)  # seeded random subset, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, value):
+        # YAML reads `{0: negative}` with int keys; labels are matched as text ("0"), as in the data files.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class TrainSection(Section):

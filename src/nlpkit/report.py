@@ -19,7 +19,7 @@ from rich.console import Console
 
 from nlpkit.errors import NlpkitError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line, whatever the width
 PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
 MANIFEST = "nlpkit_run.json"
 

@@ -119,6 +119,27 @@ CASES = {
         "set NLPKIT_DATA_DIR"),
     "output directory in use": (
         lambda t, m: ["finetune", recipe(t, m), "--output-dir", FIXTURES], "already holds files"),
+    "quant without peft": (
+        lambda t, m: ["finetune", recipe(t, m), "--bits", "4"], "quant: quantized weights cannot be trained directly"),
+    "bits 3": (lambda t, m: ["finetune", recipe(t, m), "quant.bits=3"], "quant.bits: input should be 4 or 8 (got 3)"),
+    "fp4 with 8 bits": (
+        lambda t, m: ["finetune", recipe(t, m), "--lora", "quant.bits=8", "quant.quant_type=fp4"],
+        "quant.quant_type: fp4 is a 4-bit type"),
+    "target modules that match nothing": (
+        lambda t, m: ["finetune", recipe(t, m), "--lora", "peft.target_modules=[qkv_proj]"],
+        "peft.target_modules ['qkv_proj']: match no layer of this model; its linear layers are classifier, dense, "
+        "key, query, value"),
+    "layer option on prompt learning": (
+        lambda t, m: ["finetune", recipe(t, m), "peft.method=prefix_tuning", "peft.r=4"],
+        "peft.r: has no effect with peft.method=prefix_tuning"),
+    "dora without lora": (
+        lambda t, m: ["finetune", recipe(t, m), "peft.method=ia3", "peft.use_dora=true"],
+        "peft.use_dora/use_rslora: LoRA options"),
+    "unknown peft method": (
+        lambda t, m: ["finetune", recipe(t, m), "peft.method=lorax"], "peft.method: input should be"),
+    "quantize with bits 3": (
+        lambda t, m: ["quantize", str(m), "--bits", "3"], "--bits/--quant-type: input should be 4 or 8"),
+    "merge of a folder that is not a run": (lambda t, m: ["merge", str(t)], "no nlpkit_run.json"),
     "eval of a folder that is not a run": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "no nlpkit_run.json"),
 }
@@ -144,6 +165,22 @@ def test_missing_embedded_package_names_the_install_command(tmp_path, tiny_bert,
     result = nlpkit("finetune", recipe(tmp_path, "ghost"), "--output-dir", tmp_path / "run")
     assert result.code == 2
     assert "error: model 'ghost' needs the package ghost-model: pip install --no-deps ghost-model" in result.stderr
+
+
+def test_merge_refuses_runs_without_a_mergeable_adapter(tmp_path, tiny_bert):
+    from test_classify import CASES, make_recipe
+
+    full = tmp_path / "full"
+    assert nlpkit("finetune", make_recipe(tmp_path, tiny_bert, CASES["binary"][0], max_steps=1), "--output-dir",
+                  full).code == 0
+    result = nlpkit("merge", full)
+    assert result.code == 2 and "no adapter in this run (a full fine-tune)" in result.stderr
+    prompt = tmp_path / "prompt"
+    assert nlpkit("finetune", make_recipe(tmp_path, tiny_bert, CASES["binary"][0], max_steps=1), "--output-dir",
+                  prompt, "peft.method=prompt_tuning").code == 0
+    result = nlpkit("merge", prompt)
+    assert result.code == 2 and "adds virtual tokens and changes no weight" in result.stderr
+    assert not (tmp_path / "prompt-merged" / "config.json").exists()
 
 
 def test_usage_errors_exit_2():

@@ -57,6 +57,8 @@ def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], Non
 def finetune(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.max_steps=50")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")] = False,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")] = None,
     as_json: JsonOpt = False,
 ):
@@ -65,7 +67,8 @@ def finetune(
     def work():
         from nlpkit.config import load_recipe
 
-        cfg = load_recipe(recipe, overrides)
+        sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
+        cfg = load_recipe(recipe, sugar + (overrides or []))
         out = output_dir or Path("runs") / recipe.stem
         _claim_output_dir(out)
         stage = importlib.import_module(STAGES[cfg.stage])
@@ -95,6 +98,50 @@ def eval_(
             raise NlpkitError(f"{run_dir}: eval of stage {manifest['stage']!r} runs is not supported yet")
         mirror = manifest["config"]["data"].get("mirror")
         return classify.evaluate_run(run_dir, data, text_column, text_pair_column, label_column, mirror)
+
+    _execute(work, as_json, show=_show_metrics)
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Embedded alias, model directory, hub id, or a classify run directory.")],
+    bits: Annotated[int, typer.Option("--bits", help="4 or 8.")],
+    quant_type: Annotated[str, typer.Option("--quant-type", help="4-bit type: nf4 or fp4.")] = "nf4",
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Text/instruction file (causal LM: "
+                                                     "perplexity) or labeled file (classifier run: accuracy).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Save the quantized model here.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Load a model in 8 or 4 bits (bitsandbytes): footprint, latency and quality before and after."""
+
+    def work():
+        from nlpkit import quantize as quantize_module
+
+        if output_dir is not None:
+            _claim_output_dir(output_dir)
+        return quantize_module.run(model, bits, quant_type, eval_data, output_dir)
+
+    _execute(work, as_json, show=_show_metrics)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A run trained with an adapter (peft: section or --lora).")],
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: <run_dir>-merged.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Fold a run's adapter into its base model (dequantizing a quantized base) and check the logits agree."""
+
+    def work():
+        import transformers
+
+        from nlpkit import report
+        from nlpkit.adapters import merge_run
+
+        stage = importlib.import_module(STAGES[report.read_manifest(run_dir)["stage"]])
+        out = output_dir or run_dir.with_name(run_dir.name + "-merged")
+        _claim_output_dir(out)
+        return merge_run(run_dir, out, getattr(transformers, stage.MODEL_CLASS), stage.SAMPLE_TEXTS)
 
     _execute(work, as_json, show=_show_metrics)
 

@@ -75,11 +75,38 @@ class TrainSection(Section):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class PeftSection(Section):
+    # Names copy peft's configs (LoraConfig.r, lora_alpha -> alpha, lora_dropout -> dropout).
+    method: Literal["lora", "ia3", "prefix_tuning", "prompt_tuning"] = "lora"
+    r: int = Field(8, gt=0)  # LoRA rank: higher = more capacity and memory
+    alpha: float = Field(16, gt=0)  # LoRA scale is alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Default "all-linear": every attention and MLP linear layer (never the output head).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)  # trained in full and saved; a classifier head always is
+    use_dora: bool = False  # weight-decomposed LoRA
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    num_virtual_tokens: int = Field(20, gt=0)  # prefix_tuning and prompt_tuning
+
+
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning")
+
+
+class QuantSection(Section):
+    # bitsandbytes loading; names copy BitsAndBytesConfig (bnb_4bit_quant_type -> quant_type, ...).
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
+    double_quant: bool = True  # 4-bit only: quantize the quantization constants too (~0.4 bit/param saved)
+    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # 4-bit matmuls; fp16 is slow on CPU
+
+
 class Recipe(Section):
     stage: Literal["classify"]
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    peft: PeftSection | None = None  # absent: full fine-tuning
+    quant: QuantSection | None = None  # absent: full precision
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -145,6 +172,20 @@ def check_recipe(cfg: Recipe) -> list[str]:
         problems.append("train.save_steps: required when train.save_strategy is 'steps' (e.g. train.save_steps=500)")
     if cfg.data.problem_type == "regression" and cfg.data.label_names:
         problems.append("data.label_names: a regression target has no label names; remove it or change data.problem_type")
+    if cfg.quant is not None and cfg.peft is None:
+        problems.append("quant: quantized weights cannot be trained directly; add an adapter (a peft: section, or "
+                        "--lora) for QLoRA, or remove quant")
+    if cfg.peft is not None and cfg.peft.method != "lora" and (cfg.peft.use_dora or cfg.peft.use_rslora):
+        problems.append(f"peft.use_dora/use_rslora: LoRA options, but peft.method is {cfg.peft.method!r}")
+    if cfg.peft is not None and cfg.peft.method in PROMPT_METHODS:
+        # Prompt learning adds virtual tokens; it wraps no layer, so layer options would be silently ignored.
+        layer_options = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora")
+        ignored = [f for f in layer_options if getattr(cfg.peft, f) != PeftSection.model_fields[f].default]
+        if ignored:
+            problems.append(f"peft.{ignored[0]}: has no effect with peft.method={cfg.peft.method} (it adds virtual "
+                            "tokens, it wraps no layer); remove it or use lora/ia3")
+    if cfg.quant is not None and cfg.quant.bits == 8 and cfg.quant.quant_type == "fp4":
+        problems.append("quant.quant_type: fp4 is a 4-bit type; use bits=4 or drop quant_type")
     problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields))
     return problems
 

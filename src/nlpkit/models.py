@@ -125,9 +125,41 @@ def _did_you_mean(ref: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def load_model(auto_class, model_cfg, **kwargs):
-    """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set."""
-    return _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
+def load_model(auto_class, model_cfg, quant=None, **kwargs):
+    """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set;
+    quantized with bitsandbytes when a quant section is given."""
+    if quant is not None:
+        kwargs["quantization_config"] = quantization_config(quant)
+    model = _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
+    if quant is not None:
+        avoid_4bit_cpu_repack_crash(model)
+    return model
+
+
+# Heads stay in full precision: they are small, trained in full (modules_to_save), and quantizing them costs accuracy.
+HEAD_MODULES = ["classifier", "score", "lm_head"]
+
+
+def quantization_config(quant):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype), llm_int8_skip_modules=HEAD_MODULES,
+    )
+
+
+def avoid_4bit_cpu_repack_crash(model) -> None:
+    """On avx512_bf16 CPUs, bitsandbytes repacks a 4-bit weight on its first eval-mode no-grad forward, and the
+    repack crashes when in_features % 64 != 0 (STACK.md trap 1). Such layers keep the unpacked (slower) path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.in_features % 64:
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(model_cfg):

@@ -1,6 +1,7 @@
 """BERT-style [CLS] sequence classification: binary, multi-class, multi-label and regression; texts or text pairs.
 
-    nlpkit finetune recipes/classify-sst2.yaml
+    nlpkit finetune recipes/classify-sst2.yaml            # full fine-tuning
+    nlpkit finetune recipes/classify-sst2-lora.yaml       # LoRA adapters + the head; add --bits 4 for QLoRA
     nlpkit eval runs/classify-sst2 --data sst2:validation --json
 
 Fast on CPU by construction: dynamic padding with length-grouped batches (most SST-2 inputs are far shorter than a
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from nlpkit import report
-from nlpkit.config import Recipe, validate_recipe
+from nlpkit.adapters import apply_peft, load_adapter_run
+from nlpkit.config import ModelSection, Recipe, validate_recipe
 from nlpkit.data import (
     LabelSpace,
     classification_examples,
@@ -26,6 +28,14 @@ from nlpkit.data import (
     subsample,
 )
 from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+
+MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` and `nlpkit eval` load a run with
+SAMPLE_TEXTS = [  # inputs for merge's logits check: varied lengths, a pair-free sentence each
+    "a gripping, beautifully acted film.",
+    "the plot is thin and the jokes fall flat.",
+    "Stocks rallied after the central bank held rates steady.",
+    "The team clinched the title with a late goal in extra time.",
+]
 
 
 def run(cfg: Recipe, output_dir: Path) -> dict:
@@ -54,9 +64,12 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     eval_set = tokenize(eval_columns, tokenizer, max_length) if eval_rows is not None else None
 
     names = {"id2label": dict(enumerate(labels.names)), "label2id": {n: i for i, n in enumerate(labels.names)}}
-    model = load_model(AutoModelForSequenceClassification, cfg.model, num_labels=labels.num_labels,
+    model = load_model(AutoModelForSequenceClassification, cfg.model, quant=cfg.quant, num_labels=labels.num_labels,
                        problem_type=labels.problem_type, **(names if labels.names else {}))
-    report.print_parameters(model)
+    if cfg.peft is not None:
+        model = apply_peft(model, cfg.peft, task_type="SEQ_CLS")  # the classifier head trains in full and is saved
+    else:
+        report.print_parameters(model)
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
     args = training_arguments(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None)
     trainer = Trainer(
@@ -72,7 +85,9 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
         prediction = trainer.predict(eval_set)
         metrics |= {"eval_loss": prediction.metrics["test_loss"],
                     **_prefixed(classification_metrics(prediction.predictions, prediction.label_ids, labels))}
-    trainer.save_model(str(output_dir))  # model with id2label/label2id in its config, and the tokenizer
+    trainer.save_model(str(output_dir))  # the model (or adapter + head) and the tokenizer
+    if cfg.peft is not None:
+        model.config.save_pretrained(output_dir)  # an adapter save has no config.json: keep id2label/label2id
     task = {
         "text_column": text_col, "text_pair_column": pair_col, "label_column": label_col,
         "label_names": label_names, "problem_type": labels.problem_type, "labels": labels.names,
@@ -87,7 +102,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
 
 
 def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pair_column: str | None,
-                 label_column: str | None, mirror: str | None) -> dict:
+                 label_column: str | None, mirror: str | None, quant=None) -> dict:
     """Metrics of a saved classifier on any labeled file, with the same keys as its metrics.json.
 
     Uses Trainer.predict with the run's eval batch size and bf16 setting: the same batches as the end of training,
@@ -95,7 +110,7 @@ def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pa
     """
     import tempfile
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
     manifest = report.read_manifest(run_dir)
     task = manifest["task"]
@@ -107,16 +122,44 @@ def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pa
     labels = LabelSpace(task["problem_type"], task["labels"])
     columns = classification_examples(rows, text_col, pair_col, label_col, labels, task["label_names"])
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir, use_safetensors=True)
+    model = load_classifier(run_dir, quant)
+    dataset = tokenize(columns, tokenizer, task["max_length"])
     cfg = validate_recipe(manifest["config"], source=f"{run_dir}/{report.MANIFEST}")
+    if quant is not None:  # Trainer refuses purely quantized models: a plain loop, logits only
+        logits = predict_logits(model, dataset, DataCollatorWithPadding(tokenizer), task["bf16"],
+                                cfg.train.per_device_eval_batch_size)
+        return {**_prefixed(classification_metrics(logits, np.array(columns["label"]), labels)),
+                "eval_samples": len(dataset)}
     with tempfile.TemporaryDirectory() as scratch:
         args = training_arguments(cfg, Path(scratch), bf16=task["bf16"], has_eval=False)
         trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                           data_collator=DataCollatorWithPadding(tokenizer))
-        prediction = trainer.predict(tokenize(columns, tokenizer, task["max_length"]))
+        prediction = trainer.predict(dataset)
     return {"eval_loss": prediction.metrics["test_loss"],
             **_prefixed(classification_metrics(prediction.predictions, prediction.label_ids, labels)),
-            "eval_samples": len(columns["label"])}
+            "eval_samples": len(dataset)}
+
+
+def predict_logits(model, dataset, collate, bf16: bool, batch_size: int) -> np.ndarray:
+    import torch
+
+    features = dataset.remove_columns([c for c in ("label", "length") if c in dataset.column_names]).to_list()
+    outputs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start:start + batch_size])
+            outputs.append(model.eval()(**batch).logits.float().numpy())
+    return np.concatenate(outputs)
+
+
+def load_classifier(run_dir: Path, quant=None):
+    """A run's classifier: its base (quantized as in training) with the run's adapter, or the saved model, quantized
+    on load when `quant` is given (`nlpkit quantize`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if (run_dir / "adapter_config.json").is_file():
+        return load_adapter_run(run_dir, AutoModelForSequenceClassification)
+    return load_model(AutoModelForSequenceClassification, ModelSection(name=str(run_dir)), quant=quant)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

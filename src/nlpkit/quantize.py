@@ -1,0 +1,152 @@
+"""`nlpkit quantize`: load a model in 8 or 4 bits with bitsandbytes and measure what that saves and costs.
+
+    nlpkit quantize smollm2-135m --bits 4 --eval-data ../shared/data/dolly_open_qa/test.jsonl --json
+    nlpkit quantize runs/classify-sst2 --bits 8 --eval-data sst2:validation --json
+
+Reports the weight footprint (full precision and quantized), the latency of one forward pass, and the quality change
+on the eval data: perplexity for a causal LM, accuracy for a classifier run. With --output-dir the quantized model
+is saved, reloaded from disk and measured again, to prove the saved model works.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from nlpkit.config import ModelSection, QuantSection
+from nlpkit.data import open_source
+from nlpkit.errors import NlpkitError
+from nlpkit.models import load_model, load_tokenizer
+from nlpkit.report import MANIFEST, info
+
+EVAL_ROWS = 64  # enough rows for a stable perplexity; a few seconds per model on CPU
+EVAL_TOKENS = 256
+
+
+def run(model_ref: str, bits: int, quant_type: str, eval_data: str | None, output_dir: Path | None) -> dict:
+    try:
+        quant = QuantSection(bits=bits, quant_type=quant_type)
+    except ValidationError as e:
+        raise NlpkitError(f"--bits/--quant-type: {e.errors()[0]['msg'].lower()} (got --bits {bits} "
+                          f"--quant-type {quant_type})") from None
+    path = Path(model_ref)
+    if (path / MANIFEST).is_file() and not (path / "adapter_config.json").is_file():
+        return _classifier_run(path, quant, eval_data, output_dir)
+    return _causal_lm(model_ref, quant, eval_data, output_dir)
+
+
+def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = ModelSection(name=model_ref)
+    tokenizer = load_tokenizer(model_cfg)
+    texts = lm_texts(eval_data, tokenizer) if eval_data else []
+    probe = tokenizer("The quick brown fox jumps over the lazy dog. " * 16, return_tensors="pt").input_ids[:, :128]
+    result = {"model": model_ref, "kind": "causal_lm", "bits": quant.bits,
+              "quant_type": quant.quant_type if quant.bits == 4 else None}
+
+    for label, quantized in (("fp32", None), ("quantized", quant)):
+        model = load_model(AutoModelForCausalLM, model_cfg, quant=quantized, dtype=torch.float32).eval()
+        result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
+        result[f"latency_ms_{label}"] = forward_latency_ms(model, probe)
+        if texts:
+            result[f"perplexity_{label}"] = perplexity(model, tokenizer, texts)
+            info(f"{label}: perplexity {result[f'perplexity_{label}']:.3f} on {len(texts)} rows")
+    result["footprint_ratio"] = result["footprint_mb_quantized"] / result["footprint_mb_fp32"]
+    if texts:
+        result["perplexity_increase"] = result["perplexity_quantized"] / result["perplexity_fp32"] - 1
+        result["eval_rows"] = len(texts)
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        reloaded = AutoModelForCausalLM.from_pretrained(output_dir, use_safetensors=True).eval()
+        result["output_dir"] = str(output_dir)
+        result["reloaded_footprint_mb"] = reloaded.get_memory_footprint() / 2**20
+        if texts:
+            result["reloaded_perplexity"] = perplexity(reloaded, tokenizer, texts)
+    return result
+
+
+def _classifier_run(run_dir: Path, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from nlpkit.stages.classify import evaluate_run
+
+    probe = AutoTokenizer.from_pretrained(run_dir)(["a short sentence to time the forward pass."] * 8,
+                                                    return_tensors="pt")
+    result = {"model": str(run_dir), "kind": "classifier", "bits": quant.bits}
+    for label, quantized in (("fp32", None), ("quantized", quant)):
+        model = load_model(AutoModelForSequenceClassification, ModelSection(name=str(run_dir)), quant=quantized,
+                           dtype=torch.float32).eval()
+        result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
+        result[f"latency_ms_{label}"] = forward_latency_ms(model, probe["input_ids"], probe["attention_mask"])
+        if eval_data:
+            metrics = evaluate_run(run_dir, eval_data, None, None, None, None, quant=quantized)
+            result[f"accuracy_{label}"] = metrics.get("eval_accuracy")
+    result["footprint_ratio"] = result["footprint_mb_quantized"] / result["footprint_mb_fp32"]
+    if eval_data and result["accuracy_fp32"] is not None:
+        result["accuracy_change"] = result["accuracy_quantized"] - result["accuracy_fp32"]
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        AutoTokenizer.from_pretrained(run_dir).save_pretrained(output_dir)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir, use_safetensors=True)
+        result["output_dir"] = str(output_dir)
+        result["reloaded_footprint_mb"] = reloaded.get_memory_footprint() / 2**20
+    return result
+
+
+def lm_texts(source: str, tokenizer) -> list[str]:
+    """The first EVAL_ROWS rows as training-style text: `text`, or a chat rendering of instruction/response pairs."""
+    rows = open_source(source, "test", "--eval-data")
+    texts = []
+    for i, row in enumerate(rows.rows[:EVAL_ROWS]):
+        if isinstance(row.get("text"), str):
+            texts.append(row["text"])
+            continue
+        prompt = row.get("instruction") or row.get("prompt") or row.get("question")
+        answer = row.get("response") or row.get("completion") or row.get("output") or row.get("answer")
+        if not (isinstance(prompt, str) and isinstance(answer, str)):
+            raise NlpkitError(f"{rows.where(i)}: needs a text column, or instruction/response (prompt/completion, "
+                              f"question/answer) columns; it has {', '.join(row)}")
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append(f"{prompt}\n{answer}")
+    return texts
+
+
+def perplexity(model, tokenizer, texts: list[str]) -> float:
+    """exp(mean next-token NLL) over every predicted token of every text, one text at a time (no padding)."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=EVAL_TOKENS).input_ids
+            if ids.shape[1] < 2:
+                continue
+            predicted = ids.shape[1] - 1
+            total_nll += model(input_ids=ids, labels=ids).loss.item() * predicted
+            total_tokens += predicted
+    return math.exp(total_nll / total_tokens)
+
+
+def forward_latency_ms(model, input_ids, attention_mask=None, repeats: int = 5) -> float:
+    """Median wall time of one forward pass, after one warm-up pass."""
+    import torch
+
+    timings = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=attention_mask)
+            if i:
+                timings.append((time.perf_counter() - start) * 1000)
+    return statistics.median(timings)

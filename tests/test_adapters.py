@@ -1,0 +1,148 @@
+"""peft adapters and bitsandbytes quantization on tiny models: what trains, what stays, what reloads, what merges."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import FIXTURES
+from helpers import nlpkit
+from nlpkit.adapters import apply_peft, keep_4bit_weights_unpacked
+from nlpkit.config import PeftSection, QuantSection
+from nlpkit.models import load_model
+from nlpkit.stages import classify
+from test_classify import CASES, make_recipe
+
+METHODS = ["lora", "ia3", "prefix_tuning", "prompt_tuning"]
+
+
+def train_classifier(tmp_path, tiny_bert, *flags, **train):
+    out = tmp_path / "run"
+    recipe = make_recipe(tmp_path, tiny_bert, CASES["multiclass"][0], **train)
+    result = nlpkit("finetune", recipe, *flags, "--output-dir", out, "--json")
+    assert result.code == 0, result.stderr
+    return out, result.json()
+
+
+def test_lora_trains_only_adapters_and_head(tmp_path, tiny_bert, monkeypatch):
+    trained = {}
+
+    def capture(model, section, task_type):
+        trained["model"] = apply_peft(model, section, task_type)
+        return trained["model"]
+
+    monkeypatch.setattr(classify, "apply_peft", capture)
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora")
+    model = trained["model"]
+
+    base = BertModel.from_pretrained(tiny_bert).state_dict()
+    for name, tensor in model.get_base_model().bert.state_dict().items():
+        original = name.replace(".base_layer", "")
+        if original in base:  # every pretrained weight, bit for bit
+            assert torch.equal(tensor, base[original]), name
+    adapters = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert adapters and all(p.abs().sum() > 0 for p in adapters.values())  # B starts at zero: it moved
+    saved = load_file(out / "adapter_model.safetensors")
+    assert all("lora_" in k or "classifier" in k for k in saved) and any("classifier" in k for k in saved)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_an_encoder_and_reloads_to_the_same_logits(method, tmp_path, tiny_bert):
+    out, metrics = train_classifier(tmp_path, tiny_bert, f"peft.method={method}", max_steps=10)
+    assert (out / "adapter_config.json").is_file()
+    result = nlpkit("eval", out, "--data", FIXTURES / "topics.jsonl", "--json")
+    assert result.code == 0, result.stderr
+    evaluated = result.json()
+    assert evaluated["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)  # reloaded adapter, same logits
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_a_decoder_and_reloads_to_the_same_logits(method, tmp_path):
+    from peft import PeftModel
+
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    model = apply_peft(tiny_llama(), PeftSection(method=method, num_virtual_tokens=4), task_type="CAUSAL_LM")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.inference_mode():
+        assert torch.allclose(model.eval()(input_ids=tokens).logits, reloaded(input_ids=tokens).logits, atol=1e-6)
+
+
+def test_qlora_loss_falls_over_20_steps(tmp_path, tiny_bert):
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=20, logging_steps=1)
+    losses = [row["loss"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in row]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    manifest = json.loads((out / "nlpkit_run.json").read_text())
+    assert manifest["config"]["quant"]["bits"] == 4 and manifest["config"]["peft"]["method"] == "lora"
+
+
+def lora_grads(model, batch) -> dict:
+    model.train()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_bert):
+    """STACK.md trap 2: on avx512_bf16 CPUs an eval pass repacks 4-bit weights and later LoRA grads go wrong."""
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    from nlpkit.config import ModelSection
+
+    batch = {"input_ids": torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(0)),
+             "labels": torch.tensor([0, 1, 0, 1])}
+
+    def fresh():
+        torch.manual_seed(0)
+        model = load_model(Auto, ModelSection(name=str(tiny_bert)), quant=QuantSection(bits=4), num_labels=2)
+        return apply_peft(model, PeftSection(method="lora", dropout=0.0), task_type="SEQ_CLS")
+
+    reference = lora_grads(fresh(), batch)
+    model = fresh()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after_eval = lora_grads(model, batch)
+    assert reference.keys() == after_eval.keys()
+    for name in reference:
+        assert torch.allclose(reference[name], after_eval[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_merge_matches_the_adapter_and_loads_with_plain_transformers(tmp_path, tiny_bert):
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", max_steps=10)
+    result = nlpkit("merge", out, "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    assert report["max_abs_logits_diff"] <= 1e-3 and report["reload_max_abs_logits_diff"] == 0.0
+    merged = AutoModelForSequenceClassification.from_pretrained(report["output_dir"])
+    assert merged.config.id2label == {0: "food", 1: "sports", 2: "tech"}
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_merge_dequantizes_a_4bit_base(tmp_path, tiny_bert):
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=10)
+    result = nlpkit("merge", out, "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    merged = AutoModelForSequenceClassification.from_pretrained(report["output_dir"])
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert report["base_quantized_bits"] == 4 and report["max_abs_logits_diff"] < 0.05

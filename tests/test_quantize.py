@@ -1,0 +1,40 @@
+"""`nlpkit quantize` end to end on a tiny Llama and a tiny classifier run (the real model: slow test)."""
+
+import pytest
+
+from conftest import FIXTURES
+from helpers import nlpkit
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_a_causal_lm_saves_and_reloads(bits, tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    result = nlpkit("quantize", tiny_llama, "--bits", bits, "--eval-data", FIXTURES / "instructions.jsonl",
+                    "--output-dir", out, "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    assert report["footprint_mb_quantized"] < report["footprint_mb_fp32"]
+    assert report["eval_rows"] == 10 and report["perplexity_fp32"] > 1 and report["latency_ms_quantized"] > 0
+    assert report["reloaded_perplexity"] == pytest.approx(report["perplexity_quantized"], rel=1e-3)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_quantize_a_classifier_run_reports_accuracy(tmp_path, tiny_bert):
+    from test_classify import CASES, make_recipe
+
+    run = tmp_path / "run"
+    assert nlpkit("finetune", make_recipe(tmp_path, tiny_bert, CASES["binary"][0]), "--output-dir", run).code == 0
+    result = nlpkit("quantize", run, "--bits", 8, "--eval-data", FIXTURES / "sentiment_eval.csv", "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    assert report["kind"] == "classifier" and 0 <= report["accuracy_quantized"] <= 1
+    assert report["accuracy_change"] == report["accuracy_quantized"] - report["accuracy_fp32"]
+
+
+@pytest.mark.slow
+def test_smollm2_8bit_keeps_perplexity(shared_data):
+    result = nlpkit("quantize", "smollm2-135m", "--bits", 8, "--eval-data",
+                    shared_data / "dolly_open_qa" / "test.jsonl", "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    assert report["footprint_ratio"] <= 0.55 and report["perplexity_increase"] <= 0.03

@@ -13,7 +13,7 @@ from nlpkit import report
 from nlpkit.config import PROMPT_METHODS, PeftSection, validate_recipe
 from nlpkit.errors import NlpkitError
 from nlpkit.models import load_model
-from nlpkit.report import MANIFEST, read_manifest
+from nlpkit.report import MANIFEST, read_manifest, write_json
 
 
 def peft_config(section: PeftSection, task_type: str):
@@ -117,6 +117,11 @@ def merge_run(run_dir: Path, output_dir: Path, auto_class, sample_texts: list[st
         tokenizer.save_pretrained(output_dir)
         reloaded = auto_class.from_pretrained(output_dir, use_safetensors=True).eval()
         reloaded_logits = reloaded(**inputs).logits.float()
+    # The merged folder is a plain run of the same task: `nlpkit eval` and `quantize` take it like any other.
+    manifest = read_manifest(run_dir)
+    manifest["config"] |= {"peft": None, "quant": None}
+    manifest["merged_from"] = str(run_dir)
+    write_json(output_dir / MANIFEST, manifest)
     return {
         "output_dir": str(output_dir),
         "base_quantized_bits": cfg.quant.bits if cfg.quant else None,

@@ -34,7 +34,10 @@ def run(model_ref: str, bits: int, quant_type: str, eval_data: str | None, outpu
         raise NlpkitError(f"--bits/--quant-type: {e.errors()[0]['msg'].lower()} (got --bits {bits} "
                           f"--quant-type {quant_type})") from None
     path = Path(model_ref)
-    if (path / MANIFEST).is_file() and not (path / "adapter_config.json").is_file():
+    if (path / "adapter_config.json").is_file():
+        raise NlpkitError(f"{model_ref}: an adapter run; merge it first (nlpkit merge {model_ref}) and quantize the "
+                          "merged model, or train with --bits for QLoRA")
+    if (path / MANIFEST).is_file():
         return _classifier_run(path, quant, eval_data, output_dir)
     return _causal_lm(model_ref, quant, eval_data, output_dir)
 
@@ -73,21 +76,19 @@ def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, outpu
 
 
 def _classifier_run(run_dir: Path, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from nlpkit.stages.classify import evaluate_run
+    from nlpkit.stages.classify import evaluate_run, load_classifier
 
     probe = AutoTokenizer.from_pretrained(run_dir)(["a short sentence to time the forward pass."] * 8,
                                                     return_tensors="pt")
     result = {"model": str(run_dir), "kind": "classifier", "bits": quant.bits}
     for label, quantized in (("fp32", None), ("quantized", quant)):
-        model = load_model(AutoModelForSequenceClassification, ModelSection(name=str(run_dir)), quant=quantized,
-                           dtype=torch.float32).eval()
+        model = load_classifier(run_dir, quant=quantized).eval()
         result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
         result[f"latency_ms_{label}"] = forward_latency_ms(model, probe["input_ids"], probe["attention_mask"])
         if eval_data:
-            metrics = evaluate_run(run_dir, eval_data, None, None, None, None, quant=quantized)
+            metrics = evaluate_run(run_dir, eval_data, None, None, None, None, model=model)
             result[f"accuracy_{label}"] = metrics.get("eval_accuracy")
     result["footprint_ratio"] = result["footprint_mb_quantized"] / result["footprint_mb_fp32"]
     if eval_data and result["accuracy_fp32"] is not None:

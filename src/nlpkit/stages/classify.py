@@ -102,11 +102,12 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
 
 
 def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pair_column: str | None,
-                 label_column: str | None, mirror: str | None, quant=None) -> dict:
+                 label_column: str | None, mirror: str | None, model=None) -> dict:
     """Metrics of a saved classifier on any labeled file, with the same keys as its metrics.json.
 
     Uses Trainer.predict with the run's eval batch size and bf16 setting: the same batches as the end of training,
-    so the same file gives the same numbers.
+    so the same file gives the same numbers. `model` replaces the run's own model (`nlpkit quantize` passes a
+    quantized copy).
     """
     import tempfile
 
@@ -122,10 +123,11 @@ def evaluate_run(run_dir: Path, data_spec: str, text_column: str | None, text_pa
     labels = LabelSpace(task["problem_type"], task["labels"])
     columns = classification_examples(rows, text_col, pair_col, label_col, labels, task["label_names"])
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = load_classifier(run_dir, quant)
+    model = model or load_classifier(run_dir)
     dataset = tokenize(columns, tokenizer, task["max_length"])
     cfg = validate_recipe(manifest["config"], source=f"{run_dir}/{report.MANIFEST}")
-    if quant is not None:  # Trainer refuses purely quantized models: a plain loop, logits only
+    if getattr(model, "is_quantized", False) and not (run_dir / "adapter_config.json").is_file():
+        # Trainer refuses purely quantized models: a plain loop, logits only.
         logits = predict_logits(model, dataset, DataCollatorWithPadding(tokenizer), task["bf16"],
                                 cfg.train.per_device_eval_batch_size)
         return {**_prefixed(classification_metrics(logits, np.array(columns["label"]), labels)),
@@ -153,8 +155,8 @@ def predict_logits(model, dataset, collate, bf16: bool, batch_size: int) -> np.n
 
 
 def load_classifier(run_dir: Path, quant=None):
-    """A run's classifier: its base (quantized as in training) with the run's adapter, or the saved model, quantized
-    on load when `quant` is given (`nlpkit quantize`)."""
+    """A run's classifier: its base (quantized as in training) with the run's adapter, or the saved model (quantized
+    on load when `quant` is given, for `nlpkit quantize`)."""
     from transformers import AutoModelForSequenceClassification
 
     if (run_dir / "adapter_config.json").is_file():

@@ -98,3 +98,13 @@ def test_label_names_map_raw_values(tmp_path, tiny_bert):
     out = tmp_path / "run"
     assert nlpkit("finetune", make_recipe(tmp_path, tiny_bert, data, max_steps=2), "--output-dir", out).code == 0
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_same_seed_same_run(tmp_path, tiny_bert):
+    losses = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert nlpkit("finetune", make_recipe(tmp_path, tiny_bert, CASES["binary"][0], max_steps=5),
+                      "--output-dir", out).code == 0
+        losses.append(json.loads((out / "metrics.json").read_text())["eval_loss"])
+    assert losses[0] == losses[1]

@@ -4,7 +4,8 @@
     nlpkit quantize runs/classify-sst2 --bits 8 --eval-data sst2:validation --json
 
 Reports the weight footprint (full precision and quantized), the latency of one forward pass, and the quality change
-on the eval data: perplexity for a causal LM, accuracy for a classifier run. With --output-dir the quantized model
+on the eval data: perplexity of the responses for a causal LM (every token too, as perplexity_all_tokens),
+accuracy for a classifier run. With --output-dir the quantized model
 is saved, reloaded from disk and measured again, to prove the saved model works.
 """
 
@@ -59,10 +60,13 @@ def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, outpu
         result[f"latency_ms_{label}"] = forward_latency_ms(model, probe)
         if texts:
             result[f"perplexity_{label}"] = perplexity(model, tokenizer, texts)
-            info(f"{label}: perplexity {result[f'perplexity_{label}']:.3f} on {len(texts)} rows")
+            result[f"perplexity_all_tokens_{label}"] = perplexity(model, tokenizer, texts, response_only=False)
+            info(f"{label}: perplexity {result[f'perplexity_{label}']:.3f} on the responses of {len(texts)} rows")
     result["footprint_ratio"] = result["footprint_mb_quantized"] / result["footprint_mb_fp32"]
     if texts:
         result["perplexity_increase"] = result["perplexity_quantized"] / result["perplexity_fp32"] - 1
+        result["perplexity_all_tokens_increase"] = (result["perplexity_all_tokens_quantized"]
+                                                    / result["perplexity_all_tokens_fp32"] - 1)
         result["eval_rows"] = len(texts)
     if output_dir is not None:
         model.save_pretrained(output_dir)
@@ -102,13 +106,14 @@ def _classifier_run(run_dir: Path, quant: QuantSection, eval_data: str | None, o
     return result
 
 
-def lm_texts(source: str, tokenizer) -> list[str]:
-    """The first EVAL_ROWS rows as training-style text: `text`, or a chat rendering of instruction/response pairs."""
+def lm_texts(source: str, tokenizer) -> list[tuple[str, str]]:
+    """The first EVAL_ROWS rows as (prompt, full text) pairs, rendered as in training: a `text` row has no prompt;
+    instruction/response rows go through the chat template, so the prompt is everything before the answer."""
     rows = open_source(source, "test", "--eval-data")
-    texts = []
+    pairs = []
     for i, row in enumerate(rows.rows[:EVAL_ROWS]):
         if isinstance(row.get("text"), str):
-            texts.append(row["text"])
+            pairs.append(("", row["text"]))
             continue
         prompt = row.get("instruction") or row.get("prompt") or row.get("question")
         answer = row.get("response") or row.get("completion") or row.get("output") or row.get("answer")
@@ -116,26 +121,35 @@ def lm_texts(source: str, tokenizer) -> list[str]:
             raise NlpkitError(f"{rows.where(i)}: needs a text column, or instruction/response (prompt/completion, "
                               f"question/answer) columns; it has {', '.join(row)}")
         if tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            user = [{"role": "user", "content": prompt}]
+            head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
         else:
-            texts.append(f"{prompt}\n{answer}")
-    return texts
+            head, full = f"{prompt}\n", f"{prompt}\n{answer}{tokenizer.eos_token or ''}"
+        pairs.append((head, full))
+    return pairs
 
 
-def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """exp(mean next-token NLL) over every predicted token of every text, one text at a time (no padding)."""
+def perplexity(model, tokenizer, texts: list[tuple[str, str]], response_only: bool = True) -> float:
+    """exp(mean next-token NLL), one text at a time (no padding). response_only scores the tokens after the prompt,
+    the same tokens SFT trains on and `nlpkit eval` reports; otherwise every token, the chat template's boilerplate
+    (SmolLM2 adds a default system prompt to every row) included."""
     import torch
 
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=EVAL_TOKENS).input_ids
-            if ids.shape[1] < 2:
+        for head, full in texts:
+            ids = tokenizer(full, return_tensors="pt", truncation=True, max_length=EVAL_TOKENS).input_ids
+            labels = ids.clone()
+            if response_only:
+                labels[:, : len(tokenizer(head)["input_ids"])] = -100
+            scored = int((labels[:, 1:] != -100).sum())
+            if scored == 0:
                 continue
-            predicted = ids.shape[1] - 1
-            total_nll += model(input_ids=ids, labels=ids).loss.item() * predicted
-            total_tokens += predicted
+            total_nll += model(input_ids=ids, labels=labels).loss.item() * scored
+            total_tokens += scored
+    if total_tokens == 0:
+        raise NlpkitError(f"--eval-data: no token left to score within {EVAL_TOKENS} tokens per row")
     return math.exp(total_nll / total_tokens)
 
 

@@ -40,9 +40,10 @@ SAMPLE_TEXTS = [  # inputs for merge's logits check: varied lengths, a pair-free
 
 def run(cfg: Recipe, output_dir: Path) -> dict:
     """Fine-tune, evaluate, save model + tokenizer + manifest + metrics into output_dir. Returns the final metrics."""
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
     started = time.time()
+    set_seed(cfg.train.seed)  # before the model exists: the new head's random init is part of the run
     data = cfg.data
     train_rows = open_source(data.train, "train", "data.train", data.mirror)
     text_col, pair_col, label_col = resolve_columns(train_rows, data.text_column, data.text_pair_column,

@@ -34,6 +34,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/classify_padding.py
+	$(BIN)/python benchmarks/sft_vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs

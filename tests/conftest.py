@@ -48,6 +48,12 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained in-process, saved like a hub model."""
@@ -58,10 +64,13 @@ def tiny_llama(tmp_path_factory) -> Path:
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<pad>"],
+    specials = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    raw.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<pad>",
-                                        model_max_length=128)
+    # Like SmolLM2: ChatML, and the end of an assistant turn is the EOS.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>",
+                                        model_max_length=128, additional_special_tokens=specials[2:3])
+    tokenizer.chat_template = CHATML
     config = LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -140,8 +140,8 @@ CASES = {
     "quantize with bits 3": (
         lambda t, m: ["quantize", str(m), "--bits", "3"], "--bits/--quant-type: input should be 4 or 8"),
     "merge of a folder that is not a run": (lambda t, m: ["merge", str(t)], "no nlpkit_run.json"),
-    "eval of a folder that is not a run": (
-        lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "no nlpkit_run.json"),
+    "eval of a folder that is neither a run nor a model": (
+        lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }
 
 

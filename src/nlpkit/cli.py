@@ -24,17 +24,22 @@ app = typer.Typer(
     help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, SFT, RLHF.",
 )
 
-STAGES = {"classify": "nlpkit.stages.classify"}  # stage key in a recipe -> module with run(cfg, output_dir)
+STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)
+    "classify": "nlpkit.stages.classify",
+    "sft": "nlpkit.stages.sft",
+}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; everything else on stderr.")]
 
 
-def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], None] | None = None) -> None:
+def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], None] | None = None,
+             stdout_is_result: bool = True) -> None:
     """Run a command body: NlpkitError -> one line + exit 2; anything else -> traceback + exit 1."""
     from nlpkit import report
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # libraries print (Trainer logs); keep stdout for results
+        # Libraries print (Trainer logs): keep stdout for the result, unless the command writes it as it goes (chat).
+        with contextlib.redirect_stdout(sys.stderr) if stdout_is_result else contextlib.nullcontext():
             result = work()
     except NlpkitError as e:
         report.console.print(f"error: {e}", style="red", markup=False)
@@ -80,24 +85,30 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Output directory of a finished `nlpkit finetune` run.")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run, or any causal LM (alias, directory, hub id).")],
     data: Annotated[str, typer.Option("--data", help="File, folder, catalog name (sst2:validation) or hub id.")],
     text_column: Annotated[Optional[str], typer.Option(help="Default: the column the run trained on.")] = None,
     text_pair_column: Annotated[Optional[str], typer.Option(help="Default: as in training.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Default: as in training.")] = None,
     as_json: JsonOpt = False,
 ):
-    """Evaluate a trained run on a labeled file: the same metric keys as its metrics.json."""
+    """Evaluate a run (or a causal LM) on a file: the same metric keys as the run's metrics.json.
+
+    Classifiers: accuracy, F1, per-class scores on a labeled file. Causal LMs: loss and perplexity on the trained-on
+    (answer) tokens of an instruction file, so a base model and a tuned run compare on the same file."""
 
     def work():
         from nlpkit import report
-        from nlpkit.stages import classify
+        from nlpkit.stages import classify, sft
 
-        manifest = report.read_manifest(run_dir)
-        if manifest["stage"] != "classify":
-            raise NlpkitError(f"{run_dir}: eval of stage {manifest['stage']!r} runs is not supported yet")
+        path = Path(run_dir)
+        if not (path / report.MANIFEST).is_file():
+            return sft.evaluate_lm(run_dir, data, mirror=None)
+        manifest = report.read_manifest(path)
         mirror = manifest["config"]["data"].get("mirror")
-        return classify.evaluate_run(run_dir, data, text_column, text_pair_column, label_column, mirror)
+        if manifest["stage"] == "sft":
+            return sft.evaluate_lm(run_dir, data, mirror)
+        return classify.evaluate_run(path, data, text_column, text_pair_column, label_column, mirror)
 
     _execute(work, as_json, show=_show_metrics)
 
@@ -144,6 +155,63 @@ def merge(
         return merge_run(run_dir, out, getattr(transformers, stage.MODEL_CLASS), stage.SAMPLE_TEXTS)
 
     _execute(work, as_json, show=_show_metrics)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="An sft run directory, or a causal LM (alias, directory, hub id).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Answer this once and exit; without it, a "
+                                                  "conversation on stdin (empty line or Ctrl-D ends it).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+):
+    """Talk to a causal LM with its own chat template; answers stream to stdout and stop at EOS."""
+
+    def work():
+        from nlpkit.stages.sft import load_lm
+
+        lm, tokenizer = load_lm(model)
+        history = []
+        while question := (prompt if prompt is not None else _read_turn()):
+            history.append({"role": "user", "content": question})
+            history.append({"role": "assistant", "content": _stream_answer(lm, tokenizer, history, max_new_tokens)})
+            if prompt is not None:
+                break
+        return {}
+
+    _execute(work, as_json=False, stdout_is_result=False)
+
+
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    source: Annotated[str, typer.Argument(help="File, folder, catalog name (dolly) or hub id.")],
+    format: Annotated[str, typer.Option("--format", help="auto, alpaca, messages, prompt_completion, text.")] = "auto",
+    model: Annotated[str, typer.Option("--model", help="Whose tokenizer and chat template render it.")] = "smollm2-135m",
+    max_length: Annotated[int, typer.Option("--max-length", min=1)] = 512,
+    as_json: JsonOpt = False,
+):
+    """Dataset doctor: detect the format, validate every row, show a rendered example with the trained-on span."""
+
+    def work():
+        from nlpkit.data import mirror_dir
+        from nlpkit.stages.sft import data_check as check
+
+        allowed = ("auto", "alpaca", "messages", "prompt_completion", "text")
+        if format not in allowed:
+            raise NlpkitError(f"--format {format!r}: use one of {', '.join(allowed)}")
+        mirror = mirror_dir(None)
+        return check(source, format, model, max_length, str(mirror) if mirror else None)
+
+    def show(result):
+        from nlpkit import report
+
+        report.info(result.pop("example"))
+        _show_tree(result)
+
+    _execute(work, as_json, show=show)
 
 
 @app.command()
@@ -195,6 +263,26 @@ def env(as_json: JsonOpt = False):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _read_turn() -> str:
+    try:
+        return input("you> ").strip()
+    except EOFError:
+        return ""
+
+
+def _stream_answer(model, tokenizer, history: list[dict], max_new_tokens: int) -> str:
+    """Generate greedily, printing tokens to stdout as they come; EOS ends the answer."""
+    import torch
+    from transformers import TextStreamer
+
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def _claim_output_dir(out: Path) -> None:

@@ -41,6 +41,9 @@ class DataSection(Section):
     max_length: int = Field(128, gt=0)  # tokens; longer inputs are truncated
     max_train_samples: int | None = Field(None, gt=0)  # seeded random subset, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)
+    # sft: how rows become conversations; auto detects from the columns (DESIGN.md section 5).
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    chat_template: str | None = None  # sft: a Jinja chat template (or a file holding one); default: the model's
 
     @field_validator("label_names", mode="before")
     @classmethod
@@ -71,6 +74,8 @@ class TrainSection(Section):
     save_strategy: Literal["no", "steps", "epoch"] = "epoch"
     save_steps: int | None = Field(None, gt=0)
     save_total_limit: int | None = Field(1, gt=0)
+    completion_only: bool = True  # sft: loss on the answer (and its EOS) only; false trains on the prompt too
+    packing: bool = False  # sft: pack examples into full-length rows (faster, mixes examples in one row)
     # Other TrainingArguments fields, passed through as they are; names are checked against the class.
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -100,13 +105,19 @@ class QuantSection(Section):
     compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # 4-bit matmuls; fp16 is slow on CPU
 
 
+class GenerationSection(Section):
+    max_new_tokens: int = Field(256, gt=0)  # end-of-run samples, `nlpkit chat`
+    eos_check_prompts: int = Field(50, ge=0)  # held prompts generated after sft to measure the EOS stop rate
+
+
 class Recipe(Section):
-    stage: Literal["classify"]
+    stage: Literal["classify", "sft"]
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     peft: PeftSection | None = None  # absent: full fine-tuning
     quant: QuantSection | None = None  # absent: full precision
+    generation: GenerationSection = Field(default_factory=GenerationSection)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -376,3 +376,64 @@ def subsample(columns: dict[str, list], limit: int | None, seed: int) -> dict[st
         return columns
     keep = sorted(random.Random(seed).sample(range(size), limit))
     return {name: [values[i] for i in keep] for name, values in columns.items()}
+
+
+# ---------------------------------------------------------------------------------------------- instructions (sft)
+
+PROMPT_FIELDS = ("instruction", "prompt", "question")  # alpaca / prompt_completion / gsm8k-style
+ANSWER_FIELDS = ("output", "response", "completion", "answer")
+
+
+def detect_sft_format(rows: Rows, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    columns = set(rows.rows[0])
+    if "messages" in columns:
+        return "messages"
+    if "instruction" in columns and columns & {"output", "response"}:
+        return "alpaca"
+    if columns & {"prompt", "question"} and columns & {"completion", "answer"}:
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
+    raise NlpkitError(
+        f"{rows.name}: cannot tell the format from the columns ({', '.join(sorted(columns))}); set data.format: alpaca "
+        "(instruction, input?, output|response), messages, prompt_completion (prompt|question, completion|answer), text"
+    )
+
+
+def sft_example(row: dict, fmt: str, rows: Rows, i: int) -> dict:
+    """One row as trl's conversational prompt-completion ({"prompt": [...], "completion": [...]}) or {"text": ...}."""
+    if fmt == "text":
+        return {"text": _field(row, ("text",), rows, i, fmt)}
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise NlpkitError(f"{rows.where(i)}: field 'messages' must be a non-empty list of {{role, content}}")
+        for j, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise NlpkitError(f"{rows.where(i)}: messages[{j}] must be {{\"role\": str, \"content\": str}}")
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise NlpkitError(f"{rows.where(i)}: the last message must be a non-empty assistant turn (what is trained)")
+        # Earlier assistant turns are context; the last one is the answer trained on.
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    prompt = _field(row, PROMPT_FIELDS, rows, i, fmt)
+    extra = row.get("input") or row.get("context")
+    if fmt == "alpaca" and isinstance(extra, str) and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    answer = _field(row, ANSWER_FIELDS, rows, i, fmt)
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}]}
+
+
+def _field(row: dict, names: tuple[str, ...], rows: Rows, i: int, fmt: str) -> str:
+    name = next((n for n in names if n in row), None)
+    if name is None:
+        raise NlpkitError(f"{rows.where(i)}: no {' / '.join(repr(n) for n in names)} field; {fmt} rows need one "
+                          f"(this row has {', '.join(row) or 'no fields'})")
+    value = row[name]
+    if not isinstance(value, str):
+        raise NlpkitError(f"{rows.where(i)}: field {name!r} must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise NlpkitError(f"{rows.where(i)}: field {name!r} is empty; fill it or remove the row")
+    return value

@@ -11,7 +11,6 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 from transformers import default_data_collator

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, BertModel, LlamaCon
 
 from conftest import FIXTURES
 from helpers import nlpkit
-from nlpkit.adapters import apply_peft, keep_4bit_weights_unpacked
+from nlpkit.adapters import apply_peft
 from nlpkit.config import PeftSection, QuantSection
 from nlpkit.models import load_model
 from nlpkit.stages import classify

@@ -1,6 +1,5 @@
 """Data sources, the catalog through the mirror, and label spaces."""
 
-import pytest
 
 from conftest import FIXTURES
 from nlpkit.data import (

@@ -21,7 +21,7 @@ from nlpkit.errors import NlpkitError
 
 app = typer.Typer(
     name="nlpkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, SFT, RLHF.",
+    help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT.",
 )
 
 STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)

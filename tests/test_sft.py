@@ -63,7 +63,7 @@ def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
     result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "--lora", "--output-dir", out, "--json")
     assert result.code == 0, result.stderr
     metrics = result.json()
-    for key in ("eval_loss_base", "eval_loss", "eos_stop_rate", "train_loss"):
+    for key in ("eval_loss_base", "eval_loss", "eos_stop_rate", "train_loss", "train_runtime"):
         assert key in metrics, key
     assert 0 <= metrics["eos_stop_rate"] <= 1 and metrics["eos_check_prompts"] == 4
     assert metrics["eval_loss"] < metrics["eval_loss_base"]  # lr 1e-3 on 10 rows: it must learn something

@@ -58,8 +58,9 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     if eval_set is not None:  # LoRA starts with B = 0, so before training the model is the base model
         metrics["eval_loss_base"] = trainer.evaluate()["eval_loss"]
     train_result = trainer.train()
+    throughput = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     metrics |= {"train_loss": train_result.training_loss,
-                **{k: v for k, v in train_result.metrics.items() if k.startswith("train_") and "per_second" in k}}
+                **{k: train_result.metrics[k] for k in throughput if k in train_result.metrics}}
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         prompts = [row["prompt"] for row in eval_set.select(range(min(len(eval_set), cfg.generation.eos_check_prompts)))

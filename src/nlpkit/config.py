@@ -79,6 +79,24 @@ class TrainSection(Section):
     # Other TrainingArguments fields, passed through as they are; names are checked against the class.
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    def trainer_kwargs(self, output_dir: Path, *, bf16: bool, has_eval: bool) -> dict:
+        """This section as TrainingArguments keywords (SFTConfig and friends take the same), for every stage."""
+        import torch
+
+        copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                  "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
+                  "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
+                  "save_strategy", "save_steps", "save_total_limit")
+        return {
+            "output_dir": str(output_dir / "checkpoints"),
+            **{name: getattr(self, name) for name in copied},
+            "bf16": bf16,
+            "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
+            "eval_strategy": self.eval_strategy if has_eval else "no",
+            "report_to": "none",
+            **self.extra,
+        }
+
 
 class PeftSection(Section):
     # Names copy peft's configs (LoraConfig.r, lora_alpha -> alpha, lora_dropout -> dropout).

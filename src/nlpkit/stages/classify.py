@@ -189,37 +189,12 @@ def _max_length(requested: int, tokenizer) -> int:
 
 
 def training_arguments(cfg: Recipe, output_dir: Path, *, bf16: bool, has_eval: bool):
-    import torch
     from transformers import TrainingArguments
 
-    train = cfg.train
-    return TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        learning_rate=train.learning_rate,
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        per_device_eval_batch_size=train.per_device_eval_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps,
-        lr_scheduler_type=train.lr_scheduler_type,
-        seed=train.seed,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
-        train_sampling_strategy=train.train_sampling_strategy,
-        logging_steps=train.logging_steps,
-        eval_strategy=train.eval_strategy if has_eval else "no",
-        eval_steps=train.eval_steps,
-        save_strategy=train.save_strategy,
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        report_to="none",
-        # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would
-        # multiply loss and gradients by the world size under DDP (STACK.md trap 5).
-        average_tokens_across_devices=False,
-        **train.extra,
-    )
+    # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would multiply
+    # loss and gradients by the world size under DDP (STACK.md trap 5).
+    return TrainingArguments(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+                             average_tokens_across_devices=False)
 
 
 def classification_metrics(predictions, targets, labels: LabelSpace, full: bool = True) -> dict:

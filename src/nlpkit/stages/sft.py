@@ -214,36 +214,11 @@ def sft_config(cfg: Recipe | None, output_dir: Path, *, bf16: bool, has_eval: bo
     from trl import SFTConfig
 
     if cfg is None:  # evaluating a plain model: defaults that match the shipped sft recipes
-        return SFTConfig(output_dir=str(output_dir), max_length=512, per_device_eval_batch_size=8, bf16=bf16,
+        return SFTConfig(output_dir=str(output_dir), max_length=384, per_device_eval_batch_size=8, bf16=bf16,
                          use_cpu=not torch.cuda.is_available(), report_to="none")
-    train = cfg.train
-    return SFTConfig(
-        output_dir=str(output_dir / "checkpoints"),
-        max_length=cfg.data.max_length,
-        completion_only_loss=train.completion_only,
-        packing=train.packing,
-        learning_rate=train.learning_rate,
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        per_device_eval_batch_size=train.per_device_eval_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps,
-        lr_scheduler_type=train.lr_scheduler_type,
-        seed=train.seed,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy=train.train_sampling_strategy,
-        logging_steps=train.logging_steps,
-        eval_strategy=train.eval_strategy if has_eval else "no",
-        eval_steps=train.eval_steps,
-        save_strategy=train.save_strategy,
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        report_to="none",
-        **train.extra,
-    )
+    return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+                     max_length=cfg.data.max_length, completion_only_loss=cfg.train.completion_only,
+                     packing=cfg.train.packing)
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, bf16: bool, batch_size: int = 16):

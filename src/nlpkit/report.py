@@ -62,6 +62,12 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def throughput(train_metrics: dict) -> dict:
+    """The speed figures of Trainer.train()'s metrics that every run reports."""
+    keys = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    return {k: train_metrics[k] for k in keys if k in train_metrics}
+
+
 def write_json(path: Path, payload) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -81,7 +81,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     )
     train_result = trainer.train()
 
-    metrics = {"train_loss": train_result.training_loss, **_throughput(train_result.metrics)}
+    metrics = {"train_loss": train_result.training_loss, **report.throughput(train_result.metrics)}
     if eval_set is not None:
         prediction = trainer.predict(eval_set)
         metrics |= {"eval_loss": prediction.metrics["test_loss"],
@@ -245,9 +245,3 @@ def classification_metrics(predictions, targets, labels: LabelSpace, full: bool 
 
 def _prefixed(metrics: dict) -> dict:
     return {f"eval_{k}": v for k, v in metrics.items()}
-
-
-def _throughput(train_metrics: dict) -> dict:
-    keys = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
-    return {k: train_metrics[k] for k in keys if k in train_metrics}
-

@@ -58,9 +58,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     if eval_set is not None:  # LoRA starts with B = 0, so before training the model is the base model
         metrics["eval_loss_base"] = trainer.evaluate()["eval_loss"]
     train_result = trainer.train()
-    throughput = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
-    metrics |= {"train_loss": train_result.training_loss,
-                **{k: train_result.metrics[k] for k in throughput if k in train_result.metrics}}
+    metrics |= {"train_loss": train_result.training_loss, **report.throughput(train_result.metrics)}
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         prompts = [row["prompt"] for row in eval_set.select(range(min(len(eval_set), cfg.generation.eos_check_prompts)))
@@ -105,8 +103,7 @@ def evaluate_lm(model_ref: str, data_spec: str, mirror: str | None) -> dict:
     dataset = examples(rows, detect_sft_format(rows, "auto"), None, 0)
     bf16 = manifest["task"]["bf16"] if manifest else bf16_is_fast()
     with tempfile.TemporaryDirectory() as scratch:
-        args = sft_config(cfg, Path(scratch), bf16=bf16, has_eval=True) if cfg else \
-            sft_config(None, Path(scratch), bf16=bf16, has_eval=True)
+        args = sft_config(cfg, Path(scratch), bf16=bf16, has_eval=True)
         # SFTTrainer insists on a train set even to evaluate: one row, never trained on.
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select(range(1)), eval_dataset=dataset,
                              processing_class=tokenizer)

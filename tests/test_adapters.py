@@ -85,11 +85,14 @@ def test_each_method_trains_a_decoder_and_reloads_to_the_same_logits(method, tmp
         assert torch.allclose(model.eval()(input_ids=tokens).logits, reloaded(input_ids=tokens).logits, atol=1e-6)
 
 
-def test_qlora_loss_falls_over_20_steps(tmp_path, tiny_bert):
-    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=20, logging_steps=1)
+def test_qlora_learns_the_topic_task(tmp_path, tiny_bert):
+    # A random tiny BERT at lr 1e-3 sits at ln(3) for 20 steps with or without quantization (a CI run once failed on
+    # that noise), so this trains at 1e-2 where full fine-tuning and QLoRA both leave chance level: 1.1 -> about 0.5.
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=30, logging_steps=1,
+                              learning_rate=1e-2)
     losses = [row["loss"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in row]
-    assert len(losses) == 20
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
     manifest = json.loads((out / "nlpkit_run.json").read_text())
     assert manifest["config"]["quant"]["bits"] == 4 and manifest["config"]["peft"]["method"] == "lora"
 

@@ -160,6 +160,22 @@ CASES = {
         lambda t, m: ["finetune", recipe(t, m), "--resume"], "has no complete checkpoint yet"),
     "eval data file missing": (
         lambda t, m: ["eval", str(m), "--data", str(t / "gone.jsonl")], "gone.jsonl': no such file or folder"),
+    "zero processes": (
+        lambda t, m: ["finetune", recipe(t, m), "--num-processes", "0"], "--num-processes 0: must be 1 or more"),
+    "deepspeed preset without deepspeed": (
+        lambda t, m: ["finetune", recipe(t, m), "--num-processes", "2", "--distributed", "zero3"],
+        "needs DeepSpeed, which is not installed; pip install 'nlpkit[deepspeed]'"),
+    "unknown distributed preset": (
+        lambda t, m: ["finetune", recipe(t, m), "--num-processes", "2", "--distributed", "ddpp"],
+        "--distributed ddpp: choose one of ddp, zero2, zero3, fsdp"),
+    "global batch that does not divide": (
+        lambda t, m: ["finetune", write(t, "r.yaml", f"stage: classify\nmodel: {{name: {m}}}\ndata: {{train: "
+                                        f"{FIXTURES / 'topics.jsonl'}}}\ntrain: {{global_batch_size: 10}}\n"),
+                      "--num-processes", "4"],
+        "train.global_batch_size 10: does not divide into 4 process(es) x 1 accumulation step(s); use a multiple of 4"),
+    "global and per-device batch both": (
+        lambda t, m: ["finetune", recipe(t, m, train={"global_batch_size": 8})],
+        "train.global_batch_size: set it or train.per_device_train_batch_size, not both"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }

@@ -39,21 +39,24 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], None] | None = None,
              stdout_is_result: bool = True) -> None:
-    """Run a command body: NlpkitError -> one line + exit 2; anything else -> traceback + exit 1."""
-    from nlpkit import report
+    """Run a command body: NlpkitError -> one line + exit 2 (3); anything else -> traceback + exit 1."""
+    from nlpkit import launch, report
 
     try:
         # Libraries print (Trainer logs): keep stdout for the result, unless the command writes it as it goes (chat).
         with contextlib.redirect_stdout(sys.stderr) if stdout_is_result else contextlib.nullcontext():
             result = work()
     except NlpkitError as e:  # exit 2 bad input; 3 the watchdog stopped training
-        report.console.print(f"error: {e}", style="red", markup=False)
+        if report.is_main_process():  # every process of a launched run meets the same error: say it once
+            report.console.print(f"error: {e}", style="red", markup=False)
+        launch.record_exit(e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
         report.console.print(f"error: writing {e.filename or 'the output'} failed: {e.strerror}; free space or choose "
                              "another --output-dir (nothing was marked complete)", style="red", markup=False)
+        launch.record_exit(2)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         report.console.print("interrupted", markup=False)
@@ -63,6 +66,8 @@ def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], Non
         report.console.print("This is a bug in nlpkit, not in your input: please report it with the traceback above "
                              "and the output of `nlpkit env`.", style="red", markup=False)
         raise typer.Exit(1) from None
+    if not report.is_main_process():
+        return  # under --num-processes the main process prints the one result
     if as_json:
         print(json.dumps(result, default=str))
     elif show:
@@ -80,20 +85,46 @@ def finetune(
                                          "checkpoint (same recipe).")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.pt weights (pickle can run code): "
                                                "model.allow_pickle=true.")] = False,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Train in N processes (one per GPU) "
+                                                         "through accelerate.")] = None,
+    distributed: Annotated[Optional[str], typer.Option("--distributed", help="With --num-processes: ddp (default), "
+                                                       "zero2, zero3 (DeepSpeed) or fsdp.")] = None,
     as_json: JsonOpt = False,
 ):
     """Fine-tune a model as the recipe's `stage:` says, and write a run directory.
 
     Exit codes: 0 done; 2 bad input; 3 the watchdog stopped training (NaN/inf gradients, loss stuck at 0); 1 a bug."""
+    from nlpkit import launch
+
+    sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
+    sugar += ["model.allow_pickle=true"] if allow_pickle else []
+    out = output_dir or Path("runs") / recipe.stem
+
+    if (num_processes is not None or distributed) and not launch.in_launched_process():
+        processes = 1 if num_processes is None else num_processes
+
+        def check_then_claim():  # bad input answers here, once, before any process starts
+            from nlpkit.config import load_recipe
+
+            if distributed is not None and distributed not in launch.DISTRIBUTED:
+                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launch.DISTRIBUTED)}")
+            launch.check(processes, distributed)
+            load_recipe(recipe, sugar + (overrides or [])).train.per_device_batch(processes)
+            if not resume:
+                _claim_output_dir(out)
+            return {}
+
+        _execute(check_then_claim, as_json=False)
+        argv = ["finetune", str(recipe), *sugar, *(overrides or []), "--output-dir", str(out)]
+        argv += ["--resume"] * resume + ["--json"] * as_json
+        raise typer.Exit(launch.relaunch(argv, processes, distributed))
 
     def work():
         from nlpkit.config import load_recipe
+        from nlpkit.report import is_main_process
 
-        sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
-        sugar += ["model.allow_pickle=true"] if allow_pickle else []
         cfg = load_recipe(recipe, sugar + (overrides or []))
-        out = output_dir or Path("runs") / recipe.stem
-        if not resume:
+        if not resume and is_main_process():  # launched processes: the launcher claimed it already
             _claim_output_dir(out)
         stage = importlib.import_module(STAGES[cfg.stage])
         metrics = stage.run(cfg, out, resume=resume)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,9 @@ class TrainSection(Section):
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = Field(32, gt=0)
+    # Instead of the per-device batch: the batch of one optimizer step over all processes. The per-device batch is
+    # then global / (processes x gradient_accumulation_steps), so a recipe trains the same on 1 or 8 processes.
+    global_batch_size: int | None = Field(None, gt=0)
     per_device_eval_batch_size: int = Field(64, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -81,17 +85,27 @@ class TrainSection(Section):
     # Other TrainingArguments fields, passed through as they are; names are checked against the class.
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    def per_device_batch(self, processes: int) -> int:
+        if self.global_batch_size is None:
+            return self.per_device_train_batch_size
+        per_step = processes * self.gradient_accumulation_steps
+        if self.global_batch_size % per_step:
+            raise NlpkitError(
+                f"train.global_batch_size {self.global_batch_size}: does not divide into {processes} process(es) x "
+                f"{self.gradient_accumulation_steps} accumulation step(s); use a multiple of {per_step}")
+        return self.global_batch_size // per_step
+
     def trainer_kwargs(self, output_dir: Path, *, bf16: bool, has_eval: bool) -> dict:
         """This section as TrainingArguments keywords (SFTConfig and friends take the same), for every stage."""
         import torch
 
-        copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                  "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
+        copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
                   "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
                   "save_strategy", "save_steps")
         return {
             "output_dir": str(output_dir / "checkpoints"),
             **{name: getattr(self, name) for name in copied},
+            "per_device_train_batch_size": self.per_device_batch(int(os.environ.get("WORLD_SIZE", "1"))),
             "bf16": bf16,
             "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
             "eval_strategy": self.eval_strategy if has_eval else "no",
@@ -202,6 +216,9 @@ def check_recipe(cfg: Recipe) -> list[str]:
     train = cfg.train
     if train.eval_strategy == "steps" and train.eval_steps is None:
         problems.append("train.eval_steps: required when train.eval_strategy is 'steps' (e.g. train.eval_steps=200)")
+    if train.global_batch_size is not None and "per_device_train_batch_size" in train.model_fields_set:
+        problems.append("train.global_batch_size: set it or train.per_device_train_batch_size, not both (the "
+                        "per-device batch follows from the global one)")
     if train.save_strategy == "steps" and train.save_steps is None:
         problems.append("train.save_steps: required when train.save_strategy is 'steps' (e.g. train.save_steps=500)")
     if cfg.data.problem_type == "regression" and cfg.data.label_names:

@@ -20,19 +20,27 @@ from rich.console import Console
 
 from nlpkit.errors import NlpkitError
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line, whatever the width
+# soft_wrap: an error stays one line, whatever the width; emoji=False: "sst2:train" must not print as a train emoji
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
 MANIFEST = "nlpkit_run.json"
 # Names of keys and environment variables that hold secrets: HF_TOKEN, hub_token, WANDB_API_KEY, db_password.
 SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
 
 
+def is_main_process() -> bool:
+    """Under `--num-processes N` every process runs the stage; only the first talks and writes (RANK: torchrun's)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def info(message: str) -> None:
-    console.print(message, markup=False)  # messages hold label lists like ['a', 'b']: not markup
+    if is_main_process():
+        console.print(message, markup=False)  # messages hold label lists like ['a', 'b']: not markup
 
 
 def warn(message: str) -> None:
-    console.print(f"warning: {message}", style="yellow", markup=False)
+    if is_main_process():
+        console.print(f"warning: {message}", style="yellow", markup=False)
 
 
 def print_parameters(model) -> tuple[int, int]:
@@ -102,6 +110,8 @@ def redact(payload):
 
 def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: list, started: float) -> None:
     """Write metrics.json, the model card, and last the manifest: a run with a manifest is complete."""
+    if not is_main_process():
+        return
     write_json(output_dir / "metrics.json", metrics)
     manifest = {
         "nlpkit_version": versions()["nlpkit"],

@@ -42,6 +42,11 @@ def fit(trainer, cfg, checkpoint: Path | None) -> dict:
     trainer.add_callback(watchdog_callback(cfg.train.watchdog))
     trainer.add_callback(epoch_seed_callback(cfg.train.seed))
     start_step = json.loads((checkpoint / MARKER).read_text())["step"] if checkpoint else 0
+    args = trainer.args
+    per_device, processes, accumulation = (args.per_device_train_batch_size, args.world_size,
+                                           args.gradient_accumulation_steps)
+    report.info(f"global batch {per_device * processes * accumulation} = {per_device} per process x {processes} "
+                f"process(es) x {accumulation} accumulation step(s)")
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     steps = trainer.state.global_step
     # Loss summed before the checkpoint, from the logged windows (exact when checkpoints fall on logging steps).
@@ -74,11 +79,12 @@ def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
         raise NlpkitError(f"--resume: the recipe changed since {latest.name} ({shown}); resume with the recipe the "
                           "run started with (see its checkpoint's nlpkit_checkpoint.json), or train into a new "
                           "--output-dir")
-    for partial in checkpoints_dir(output_dir).glob("checkpoint-*"):
-        if not (partial / MARKER).is_file():  # written when the run was killed: never loadable, never picked
-            shutil.rmtree(partial, ignore_errors=True)
     step = json.loads((latest / MARKER).read_text())["step"]
-    _truncate_log(output_dir / "train_log.jsonl", step)
+    if report.is_main_process():  # one process tidies up; the others only read
+        for partial in checkpoints_dir(output_dir).glob("checkpoint-*"):
+            if not (partial / MARKER).is_file():  # written when the run was killed: never loadable, never picked
+                shutil.rmtree(partial, ignore_errors=True)
+        _truncate_log(output_dir / "train_log.jsonl", step)
     report.info(f"resuming from {latest} (step {step})")
     return latest
 
@@ -121,6 +127,10 @@ def commit_callback(cfg):
 
     class CommitCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process has written its part (its RNG state) before the checkpoint counts
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 config = report.redact(cfg.model_dump(mode="json"))

@@ -86,7 +86,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         metrics |= {"eval_loss": prediction.metrics["test_loss"],
                     **_prefixed(classification_metrics(prediction.predictions, prediction.label_ids, labels))}
     trainer.save_model(str(output_dir))  # the model (or adapter + head) and the tokenizer
-    if cfg.peft is not None:
+    if cfg.peft is not None and report.is_main_process():
         model.config.save_pretrained(output_dir)  # an adapter save has no config.json: keep id2label/label2id
     task = {
         "text_column": text_col, "text_pair_column": pair_col, "label_column": label_col,

@@ -48,22 +48,25 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     else:
         report.print_parameters(model)
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    # The base model's eval loss is taken inside train() (eval_on_start), never by an evaluate() before it: under
+    # DDP, transformers 5.23 then leaves the model unwrapped and each process trains alone on its own gradients.
+    args = sft_config(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None)
+    args.eval_on_start = eval_set is not None and checkpoint is None  # a resumed run has it in its restored log
     trainer = SFTTrainer(
-        model=model, args=sft_config(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None),
+        model=model, args=args,
         train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
     )
     check_trained_tokens(trainer.train_dataset, len(train_set), train_rows.name, cfg.data.max_length)
 
-    metrics = {}
-    if eval_set is not None:  # LoRA starts with B = 0, so before training the model is the base model
-        metrics["eval_loss_base"] = trainer.evaluate()["eval_loss"]
-    metrics |= training.fit(trainer, cfg, checkpoint)
-    if eval_set is not None:
+    metrics = training.fit(trainer, cfg, checkpoint)
+    if eval_set is not None:  # step 0: LoRA starts with B = 0, so the model was still the base model
+        metrics["eval_loss_base"] = next(e["eval_loss"] for e in trainer.state.log_history
+                                         if "eval_loss" in e and e["step"] == 0)
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         prompts = [row["prompt"] for row in eval_set.select(range(min(len(eval_set), cfg.generation.eos_check_prompts)))
                    if "prompt" in row]
-        if prompts:
+        if prompts and report.is_main_process():  # generation is not sharded: one process measures it
             answers, stopped = generate(trainer.model, tokenizer, prompts, cfg.generation.max_new_tokens, bf16)
             metrics["eos_stop_rate"] = sum(stopped) / len(stopped)
             metrics["eos_check_prompts"] = len(stopped)
@@ -72,8 +75,9 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
     trainer.save_model(str(output_dir))  # model or adapter, tokenizer with its chat template
     unwrapped = trainer.model.get_base_model() if cfg.peft is not None else trainer.model
-    unwrapped.generation_config.save_pretrained(output_dir)
-    if cfg.peft is not None:
+    if report.is_main_process():
+        unwrapped.generation_config.save_pretrained(output_dir)
+    if cfg.peft is not None and report.is_main_process():
         unwrapped.config.save_pretrained(output_dir)  # an adapter save has no config.json; load_adapter_run reads it
     task = {"format": fmt, "max_length": cfg.data.max_length, "bf16": bf16, "labels": None}
     datasets_used = [train_rows] + ([eval_rows] if eval_rows else [])

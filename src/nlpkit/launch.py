@@ -1,0 +1,75 @@
+"""Several processes through accelerate: `--num-processes N [--distributed ddp|zero2|zero3|fsdp]`.
+
+    nlpkit finetune recipes/classify-sst2.yaml --num-processes 2                    # DDP: one process per GPU
+    nlpkit finetune recipes/sft-dolly-lora.yaml --num-processes 8 --distributed zero2
+    accelerate launch --config_file my.yaml -m nlpkit finetune RECIPE               # several machines
+
+The command checks the recipe and claims the output directory once, then runs itself again under `accelerate launch`
+with a shipped preset (src/nlpkit/presets/). Inside the launched processes Trainer does the distribution; nlpkit
+only keeps the run directory, console and results to the main process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from nlpkit.errors import NlpkitError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+DISTRIBUTED = ("ddp", "zero2", "zero3", "fsdp")
+EXIT_FILE = "NLPKIT_EXIT_FILE"  # where a launched main process leaves its exit code (2, 3) for the launcher
+
+
+def in_launched_process() -> bool:
+    return "LOCAL_RANK" in os.environ  # set by torchrun, which accelerate launch runs
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check(num_processes: int, distributed: str | None) -> None:
+    if num_processes < 1:
+        raise NlpkitError(f"--num-processes {num_processes}: must be 1 or more (one process per GPU; on a CPU, "
+                          "processes share its cores)")
+    if distributed in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        raise NlpkitError(f"--distributed {distributed}: needs DeepSpeed, which is not installed; "
+                          "pip install 'nlpkit[deepspeed]' (on a machine with CUDA)")
+
+
+def relaunch(argv: list[str], num_processes: int, distributed: str | None) -> int:
+    """Run `nlpkit ARGV` in num_processes processes under accelerate; the exit code of the main process."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(PRESETS_DIR / f"{distributed or 'ddp'}.yaml"),
+        "--num_processes", str(num_processes),
+        "--main_process_port", str(_free_port()),  # two runs on one machine must not share the default 29500
+        "-m", "nlpkit", *argv,
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        exit_file = Path(scratch) / "exit.json"
+        code = subprocess.call(command, env={**os.environ, EXIT_FILE: str(exit_file)})
+        # accelerate turns any child failure into exit 1: the main process left the real code (bad input: 2).
+        if code != 0 and exit_file.is_file():
+            code = json.loads(exit_file.read_text())["exit_code"]
+    return code
+
+
+def record_exit(code: int) -> None:
+    from nlpkit.report import is_main_process
+
+    if EXIT_FILE in os.environ and is_main_process():
+        Path(os.environ[EXIT_FILE]).write_text(json.dumps({"exit_code": code}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

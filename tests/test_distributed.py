@@ -1,0 +1,94 @@
+"""Two processes through accelerate (gloo on CPU) train exactly like one process with the same global batch.
+
+STACK.md traps 4 and 5: `accelerate launch --cpu` would silently run one process (the presets use MULTI_GPU, which
+is gloo on a CPU), and Trainer doubles sequence-classification loss under DDP unless told not to average tokens.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_classify import CASES, make_recipe
+from test_sft import sft_recipe
+
+# fp32 and no dropout: then one process and two differ only in the order of float sums (about 1e-7), and
+# the random sampler gives both the same global batches (bf16 rounding would differ with the batch split).
+SAME_ARITHMETIC = {"bf16": False, "train_sampling_strategy": "random", "max_steps": 6, "logging_steps": 1,
+                   "warmup_steps": 0, "save_strategy": "no"}
+
+
+@pytest.fixture(scope="module")
+def bert_without_dropout(tiny_bert, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bert-no-dropout")
+    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def recipe_for(stage, tmp_path, model) -> str:
+    if stage == "classify":
+        data = {**CASES["multiclass"][0], "max_train_samples": 32}  # 32 rows: every global batch of 16 is full
+        recipe = make_recipe(tmp_path, model, data, global_batch_size=16, **SAME_ARITHMETIC)
+    else:
+        recipe = sft_recipe(tmp_path, model, global_batch_size=10, **SAME_ARITHMETIC)  # the 10 rows, each step
+    raw = Path(recipe).read_text().replace("  per_device_train_batch_size: 8\n", "").replace(
+        "  per_device_train_batch_size: 4\n", "")  # the global batch decides the per-device one
+    Path(recipe).write_text(raw)
+    return recipe
+
+
+def finetune(recipe, out: Path, *flags):
+    command = [sys.executable, "-m", "nlpkit", "finetune", recipe, "--output-dir", str(out), "--json", *flags]
+    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.parametrize("stage", ["classify", "sft"])
+def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, request):
+    model = request.getfixturevalue("bert_without_dropout" if stage == "classify" else "tiny_llama")
+    recipe = recipe_for(stage, tmp_path, model)
+    one, two = finetune(recipe, tmp_path / "one"), finetune(recipe, tmp_path / "two", "--num-processes", "2")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    per_process = 8 if stage == "classify" else 5
+    assert f"{2 * per_process} per process x 1 process(es)" in one.stderr
+    assert f"{per_process} per process x 2 process(es)" in two.stderr
+
+    single, double = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(single) >= 5 and single.keys() == double.keys()
+    for step in single:
+        assert double[step] == pytest.approx(single[step], abs=1e-4), step
+    weights = "model.safetensors"
+    a, b = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # One result on stdout, one copy of every file, and the metrics of the whole eval set.
+    result = json.loads(two.stdout)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    if stage == "classify":  # predictions gathered from both processes, the padding duplicate dropped
+        for key in ("eval_accuracy", "eval_f1_macro", "eval_confusion_matrix"):
+            assert result[key] == json.loads(one.stdout)[key], key
+
+
+def test_bad_data_in_launched_processes_is_one_line_and_exit_2(tmp_path, bert_without_dropout):
+    recipe = make_recipe(tmp_path, bert_without_dropout, {"train": "missing.csv"})
+    result = finetune(recipe, tmp_path / "run", "--num-processes", "2")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.csv" in errors[0]
+    assert not (tmp_path / "run" / "nlpkit_run.json").exists()
+

@@ -127,12 +127,13 @@ def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[floa
 
     from nlpkit.ppo.core import per_token_scores, scores_at
 
-    lengths = torch.tensor([len(row) for row in ids])
-    batch = torch.full((len(ids), int(lengths.max())), pad_id)
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(row) for row in ids], device=device)
+    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
     for i, row in enumerate(ids):
         batch[i, :len(row)] = torch.tensor(row)
-    mask = torch.arange(batch.shape[1])[None, :] < lengths[:, None]
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
     return scores_at(per_token, lengths - 1).tolist()
 
@@ -164,14 +165,19 @@ def load_reward_model(ref: str, key: str):
 
 
 def preference_columns(rows: Rows) -> dict[str, list]:
-    """Validate every row: prompt (optional, in every row or none), chosen, rejected as non-empty text."""
+    """Validate every row: prompt (optional, in every row or none), chosen, rejected as text.
+
+    With an explicit prompt a reply may be blank (HH-RLHF prefers saying nothing in a few pairs: the score is then
+    read at the EOS right after the prompt); a whole text never may.
+    """
     explicit = "prompt" in rows.rows[0]
     needed = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
     columns = {name: [] for name in needed}
     for i, row in enumerate(rows.rows):
         for name in needed:
             value = row.get(name)
-            if not isinstance(value, str) or not value.strip():
+            blank_allowed = explicit and name != "prompt"
+            if not isinstance(value, str) or not (value.strip() or blank_allowed):
                 what = "missing" if name not in row else "empty or not text"
                 raise NlpkitError(f"{rows.where(i)}: {name!r} is {what}; preference rows need "
                                   f"{', '.join(needed)} (this row has {', '.join(row) or 'no fields'})")

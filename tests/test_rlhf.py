@@ -1,0 +1,146 @@
+"""nlpkit's PPO on PPO.md's offline toy: a tiny policy learns to say "positive" words for a reward model trained on
+synthetic preferences. Plus the checklist items that need a model (numbers in brackets)."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import POSITIVE, write_toy_preferences, write_toy_prompts
+from helpers import nlpkit
+
+
+@pytest.fixture(scope="module")
+def toy_reward_model(tmp_path_factory, toy_llama):
+    """A reward model for positive words, trained with `nlpkit finetune` (stage: reward) on the toy vocabulary."""
+    tmp = tmp_path_factory.mktemp("toy-rm")
+    recipe = {
+        "stage": "reward",
+        "model": {"name": str(toy_llama)},
+        "data": {"train": str(write_toy_preferences(tmp / "train.jsonl", 1200, seed=1)),
+                 "eval": str(write_toy_preferences(tmp / "test.jsonl", 200, seed=2)), "max_length": 32},
+        "train": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 0,
+                  "logging_steps": 20, "save_strategy": "no", "bf16": False},
+    }
+    (tmp / "rm.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("finetune", tmp / "rm.yaml", "--output-dir", tmp / "rm", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["eval_pair_accuracy"] >= 0.85, result.json()
+    return tmp / "rm"
+
+
+def rlhf_recipe(tmp_path, policy, reward_model, lora=False, **ppo) -> str:
+    raw = {
+        "stage": "rlhf",
+        "model": {"name": str(policy)},
+        "data": {"train": str(write_toy_prompts(tmp_path / "prompts.jsonl", 300, seed=3)), "max_length": 16},
+        "reward": {"model": str(reward_model)},
+        "ppo": {"total_episodes": 480, "batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4,
+                "response_length": 12, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
+                "num_sample_generations": 3, "eval_prompts": 32, **ppo},
+        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0},
+    }
+    if lora:
+        raw["peft"] = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    path = tmp_path / "rlhf.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def read_log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, toy_reward_model):
+    run = tmp_path / "ppo"
+    result = nlpkit("rlhf", rlhf_recipe(tmp_path, toy_llama, toy_reward_model), "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(run)
+    assert len(log) == 30 and log[-1]["episode"] == 480  # [23] ceil(480 / 16) updates
+    scores = [entry["objective/scores"] for entry in log]
+    assert sum(scores[-5:]) / 5 >= sum(scores[:5]) / 5 + 1.0, scores  # PPO.md's suggested CI assertion
+    assert log[-1]["objective/kl"] > 0
+    for entry in log:
+        assert entry["policy/approxkl_avg"] < 0.05
+        assert 0 <= entry["policy/clipfrac_avg"] <= 1 and 0 <= entry["val/clipfrac_avg"] <= 1  # [27]
+        assert entry["policy/first_minibatch_ratio_max_dev"] < 1e-3  # [5] ratio = 1 before the first step
+        # [9] the penalty shifts exactly the responses without EOS
+        missing = 16 - entry["val/num_eos_tokens"]
+        assert entry["objective/scores"] == pytest.approx(entry["objective/scores_without_penalty"] - missing / 16,
+                                                          abs=1e-5)
+    metrics = result.json()
+    for key in ("eval_score_before", "eval_score_after", "eval_score_gain", "objective/kl"):
+        assert key in metrics
+    assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_score_after"] - metrics["eval_score_before"])
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["update"] for s in samples} >= {1, 30}
+    late = " ".join(s["response"] for s in samples if s["update"] == 30).split()
+    assert sum(word in POSITIVE for word in late) / max(1, len(late)) > 0.3  # chance is 10 / 43 words
+    assert (run / "model.safetensors").is_file() and (run / "nlpkit_run.json").is_file()
+
+
+def test_lora_policy_starts_at_the_reference_and_saves_only_the_adapter(tmp_path, toy_llama, toy_reward_model):
+    run = tmp_path / "ppo-lora"
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=48, eval_prompts=0)
+    result = nlpkit("rlhf", recipe, "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(run)
+    assert log[0]["objective/kl"] == 0.0  # [26] LoRA B = 0: the policy IS the reference at step 0
+    assert log[-1]["objective/kl"] != 0.0  # and it moved after training
+    assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()  # [25] policy only
+
+
+def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_path, toy_llama, toy_reward_model):
+    """[3, 11, 25] with a full-weight policy and a separate frozen reference, through the loop's own functions."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nlpkit.config import load_recipe
+    from nlpkit.ppo import core
+    from nlpkit.stages import rlhf
+
+    cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model))
+    tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(toy_llama)
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    scorer = rlhf.Scorer(cfg, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
+    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    for model in (policy, reference, value):
+        core.disable_dropout(model)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in policy.state_dict().items()}
+    value_before = {k: v.clone() for k, v in value.state_dict().items()}
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
+    rollout = rlhf.make_rollout(policy, reference, value, tokenizer, scorer, batch, cfg.ppo,
+                                [tokenizer.eos_token_id], False, torch.device("cpu"))
+    assert rollout["stats"]["objective/kl"] == 0.0  # identical weights: k1 is exactly 0 [12]
+    # values and log-probs hold their sentinels after the end [15]
+    assert (rollout["values"][rollout["pad_mask"]] == 0).all()
+    assert (rollout["logprobs"][rollout["pad_mask"]] == core.INVALID_LOGPROB).all()
+    assert (rollout["advantages"][rollout["pad_mask"]] == 0).all()
+    stats = rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0),
+                                  False)
+    assert stats["policy/first_minibatch_ratio_max_dev"] < 1e-3  # [5]
+    assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())  # [11] unchanged
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(not torch.equal(v, policy_before[k]) for k, v in policy.state_dict().items())  # every weight moved
+    assert all(not torch.equal(v, value_before[k]) for k, v in value.state_dict().items())
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))  # [3]
+
+
+def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
+    """reward.function without a reward model: the value model starts from the policy's base with a new head."""
+    module = tmp_path / "count_reward.py"
+    module.write_text("POSITIVE = set(%r)\n"
+                      "def positive_words(prompts, completions, **_):\n"
+                      "    return [float(sum(w in POSITIVE for w in c.split())) for c in completions]\n" % POSITIVE)
+    recipe = yaml.safe_load(open(rlhf_recipe(tmp_path, toy_llama, None, total_episodes=32, eval_prompts=8)))
+    recipe["reward"] = {"function": f"{module}:positive_words"}
+    (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("rlhf", tmp_path / "fn.yaml", "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(tmp_path / "run")
+    assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)

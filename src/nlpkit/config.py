@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -331,6 +332,8 @@ def _fields_at(loc: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        # An optional section (`PPOSection | None`) names its fields like a required one.
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

@@ -96,7 +96,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     loop_started, episode, stats = time.time(), 0, {}
     pool = []
     for update in range(1, updates + 1):
-        if len(pool) < ppo.batch_size:  # walk the prompts in a fresh seeded order each pass
+        while len(pool) < ppo.batch_size:  # walk the prompts in a fresh seeded order each pass
             pool += order.sample(train_prompts, len(train_prompts))
         batch, pool = pool[:ppo.batch_size], pool[ppo.batch_size:]
         rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device)

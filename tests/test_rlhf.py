@@ -144,3 +144,47 @@ def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
     assert result.code == 0, result.stderr
     log = read_log(tmp_path / "run")
     assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)
+
+
+# ---------------------------------------------------------------------------------------------- rewards computed by code
+
+
+def test_gsm8k_exact_match_compares_the_number_after_the_marks():
+    from nlpkit.rewards import gsm8k_exact_match
+
+    answer = "She sells 16 - 3 - 4 = 9 eggs.\n#### 18"
+    completions = ["9 * 2 = 18\n#### 18", "#### 18.0", "The answer is 18", "#### 1,800", "#### 17"]
+    assert gsm8k_exact_match(["q"] * 5, completions, answer=[answer] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert gsm8k_exact_match(["q"], ["#### 1,000"], answer=["#### 1000"]) == [1.0]
+
+
+def test_unit_test_reward_runs_code_in_a_subprocess_with_a_timeout_and_no_network():
+    from nlpkit.rewards import unit_test_pass
+
+    tests = "assert add(2, 3) == 5"
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",  # passes
+        "def add(a, b):\n    return a - b",  # wrong
+        "def add(a, b):\n    while True: pass",  # hangs: killed by the timeout
+        # creating a socket needs no network, so only the sandbox can make it fail: add() is right only if it did
+        "import socket\ntry:\n    socket.socket()\n    blocked = False\nexcept OSError:\n    blocked = True\n"
+        "def add(a, b):\n    return a + b if blocked else 0",
+    ]
+    assert unit_test_pass(["p"] * 4, completions, tests=[tests] * 4, timeout=2.0) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_llama):
+    """The prompt rows' other columns reach reward functions as keywords (gsm8k's `answer`)."""
+    import torch
+
+    from nlpkit.config import validate_recipe
+    from nlpkit.stages import rlhf
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
+                           "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
+    scorer = rlhf.Scorer(cfg, cfg.ppo or rlhf.PPOSection(), [0], False, torch.device("cpu"))
+    records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
+    assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
+    assert scorer.score(records * 2, ["so #### 2", "#### 3"], [True, True]) == [1.0, 0.0]

@@ -105,7 +105,7 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(toy_llama)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    scorer = rlhf.Scorer(cfg, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
+    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
     value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     for model in (policy, reference, value):
         core.disable_dropout(model)
@@ -146,6 +146,31 @@ def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
     assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_algorithms_run_with_our_scoring_and_log_the_reward_every_step(algo, tmp_path, tiny_llama):
+    """algo grpo/rloo: trl's trainers, a LoRA policy loaded from its path, beta > 0, a reward function."""
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(f'{{"question": "What is {i} + 1?", "answer": "#### {i + 1}"}}\n' for i in range(8)))
+    recipe = {
+        "stage": "rlhf", "algo": algo,
+        "model": {"name": str(tiny_llama)},
+        "data": {"train": str(data)},
+        "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "grpo": {"num_generations": 4, "max_completion_length": 8, "beta": 0.04},
+        "train": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
+                  "bf16": False, "learning_rate": 1e-3},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("rlhf", tmp_path / "r.yaml", "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    steps = [entry for entry in read_log(tmp_path / "run") if "reward" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]  # the reward is logged every step
+    assert all(0.0 <= entry["reward"] <= 1.0 for entry in steps)  # exact match is 0 or 1
+    assert all("kl" in entry for entry in steps)  # beta > 0: a reference model and a KL term
+    assert (tmp_path / "run" / "adapter_config.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- rewards computed by code
 
 
@@ -184,7 +209,7 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
                            "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
-    scorer = rlhf.Scorer(cfg, cfg.ppo or rlhf.PPOSection(), [0], False, torch.device("cpu"))
+    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
     records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
     assert scorer.score(records * 2, ["so #### 2", "#### 3"], [True, True]) == [1.0, 0.0]

@@ -169,9 +169,19 @@ class PPOSection(Section):
     eval_prompts: int = Field(0, ge=0)  # held-out prompts scored greedily before and after training (0 = skip)
 
 
+class GRPOSection(Section):
+    # algo grpo / rloo (trl's GRPOTrainer / RLOOTrainer); names copy GRPOConfig. Steps and batch come from train:
+    # train.max_steps, train.per_device_train_batch_size (completions per step, a multiple of num_generations).
+    num_generations: int = Field(8, ge=2)  # completions per prompt, compared within their group
+    max_completion_length: int = Field(64, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    beta: float = Field(0.04, gt=0)  # KL to the reference; trl's GRPO default is 0 (no reference at all)
+
+
 class Recipe(Section):
     stage: Literal["classify", "sft", "reward", "rlhf"]
-    algo: Literal["ppo"] = "ppo"  # rlhf: the training algorithm (grpo and rloo via trl are not wired yet)
+    # rlhf: ppo is nlpkit's own loop (the ppo: section); grpo and rloo run trl's trainers (the grpo: section).
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
@@ -180,6 +190,7 @@ class Recipe(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection)
     reward: RewardSection | None = None  # rlhf: where scores come from
     ppo: PPOSection | None = None  # rlhf: PPO settings (absent = defaults)
+    grpo: GRPOSection | None = None  # rlhf with algo grpo or rloo (absent = defaults)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -267,7 +278,7 @@ def check_recipe(cfg: Recipe) -> list[str]:
 def _check_rlhf(cfg: Recipe) -> list[str]:
     problems = []
     if cfg.stage != "rlhf":
-        for name in ("reward", "ppo"):
+        for name in ("reward", "ppo", "grpo"):
             if getattr(cfg, name) is not None:
                 problems.append(f"{name}: only used by stage: rlhf (this recipe is stage: {cfg.stage}); remove it")
         return problems
@@ -278,6 +289,16 @@ def _check_rlhf(cfg: Recipe) -> list[str]:
         problems.append("quant: rlhf trains in full precision here; remove quant")
     if cfg.peft is not None and cfg.peft.method != "lora":
         problems.append(f"peft.method: rlhf takes lora (the reference is the disabled adapter), got {cfg.peft.method}")
+    if cfg.algo != "ppo":
+        if cfg.ppo is not None:
+            problems.append(f"ppo: settings of algo ppo, but algo is {cfg.algo}; use the grpo: section")
+        generations = (cfg.grpo or GRPOSection()).num_generations
+        if cfg.train.per_device_train_batch_size % generations:
+            problems.append(f"train.per_device_train_batch_size: {cfg.train.per_device_train_batch_size} is not a "
+                            f"multiple of grpo.num_generations {generations} (each prompt's completions form a group)")
+        return problems
+    if cfg.grpo is not None:
+        problems.append("grpo: settings of algo grpo/rloo, but algo is ppo; use the ppo: section or set algo")
     ppo = cfg.ppo or PPOSection()
     if ppo.batch_size % ppo.num_mini_batches:
         problems.append(f"ppo.num_mini_batches: {ppo.num_mini_batches} does not divide ppo.batch_size "

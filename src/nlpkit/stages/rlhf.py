@@ -41,6 +41,10 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
+    if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
+        from nlpkit.stages import grpo
+
+        return grpo.run(cfg, output_dir)
     started = time.time()
     set_seed(cfg.train.seed)
     ppo = cfg.ppo or PPOSection()
@@ -62,7 +66,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
         datasets_used.append(eval_rows)
 
     # ------------------------------------------------------------------ models
-    scorer = Scorer(cfg, ppo, stop_ids, bf16, device)
+    scorer = Scorer(cfg, bf16, device)
     policy = load_model(AutoModelForCausalLM, cfg.model)
     if cfg.peft is not None:
         policy = apply_peft(policy, cfg.peft, task_type="CAUSAL_LM")  # LoRA B = 0: the policy starts at the reference
@@ -281,7 +285,7 @@ class Scorer:
     """Score completions: the reward model at the EOS (text in the reward model's own format), plus weighted
     reward functions. The same object scores the training rollouts and the before/after evaluation."""
 
-    def __init__(self, cfg: Recipe, ppo: PPOSection, stop_ids: list[int], bf16: bool, device):
+    def __init__(self, cfg: Recipe, bf16: bool, device):
         self.template = cfg.reward.prompt_template
         self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
         self.weight = cfg.reward.function_weight

@@ -120,7 +120,7 @@ def test_policy_loss_clips_and_reports_fractions_in_range():  # [19, 27]
     # clipped term larger: token (0,1) ratio 1.65 with A>0 and (0,2) ratio 0.61 with A<0; (1,2) is masked
     assert stats["clipfrac"].item() == pytest.approx(2 / 5)
     assert 0 <= stats["clipfrac"] <= 1
-    same, same_stats = core.policy_loss(old, old, adv, mask, 0.2)
+    _, same_stats = core.policy_loss(old, old, adv, mask, 0.2)
     assert same_stats["ratio"].item() == 1.0 and same_stats["approxkl"].item() == 0.0
     assert same_stats["clipfrac"].item() == 0.0
 

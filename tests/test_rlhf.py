@@ -2,6 +2,7 @@
 synthetic preferences. Plus the checklist items that need a model (numbers in brackets)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -134,10 +135,11 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
 def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
     """reward.function without a reward model: the value model starts from the policy's base with a new head."""
     module = tmp_path / "count_reward.py"
-    module.write_text("POSITIVE = set(%r)\n"
+    module.write_text(f"POSITIVE = set({POSITIVE!r})\n"
                       "def positive_words(prompts, completions, **_):\n"
-                      "    return [float(sum(w in POSITIVE for w in c.split())) for c in completions]\n" % POSITIVE)
-    recipe = yaml.safe_load(open(rlhf_recipe(tmp_path, toy_llama, None, total_episodes=32, eval_prompts=8)))
+                      "    return [float(sum(w in POSITIVE for w in c.split())) for c in completions]\n")
+    path = rlhf_recipe(tmp_path, toy_llama, None, total_episodes=32, eval_prompts=8)
+    recipe = yaml.safe_load(Path(path).read_text())
     recipe["reward"] = {"function": f"{module}:positive_words"}
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
     result = nlpkit("rlhf", tmp_path / "fn.yaml", "--output-dir", tmp_path / "run", "--json")
@@ -192,8 +194,8 @@ def test_unit_test_reward_runs_code_in_a_subprocess_with_a_timeout_and_no_networ
         "def add(a, b):\n    return a - b",  # wrong
         "def add(a, b):\n    while True: pass",  # hangs: killed by the timeout
         # creating a socket needs no network, so only the sandbox can make it fail: add() is right only if it did
-        "import socket\ntry:\n    socket.socket()\n    blocked = False\nexcept OSError:\n    blocked = True\n"
-        "def add(a, b):\n    return a + b if blocked else 0",
+        ("import socket\ntry:\n    socket.socket()\n    blocked = False\nexcept OSError:\n    blocked = True\n"
+         "def add(a, b):\n    return a + b if blocked else 0"),
     ]
     assert unit_test_pass(["p"] * 4, completions, tests=[tests] * 4, timeout=2.0) == [1.0, 0.0, 0.0, 1.0]
 

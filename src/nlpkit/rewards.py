@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from nlpkit.errors import NlpkitError
 
@@ -34,8 +35,7 @@ def final_number(text: str) -> str | None:
     match = NUMBER.search(tail) if sep else None
     if match is None:
         return None
-    value = match.group().replace(",", "")
-    return value[:-2] if value.endswith(".0") else value
+    return match.group().replace(",", "").removesuffix(".0")
 
 
 # A best-effort sandbox: no sockets (network calls fail), no more than 512 MB, a wall-clock timeout, an empty
@@ -71,7 +71,8 @@ def _passes(code: str, tests: str, timeout: float) -> float:
         env = {"PATH": os.environ.get("PATH", ""), "no_proxy": "*"}  # nothing else of ours leaks in
         try:
             done = subprocess.run([sys.executable, "-I", str(program)], cwd=scratch, env=env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  check=False)
         except subprocess.TimeoutExpired:
             return 0.0
     return 1.0 if done.returncode == 0 else 0.0
@@ -98,7 +99,7 @@ def load_reward_function(spec: str) -> Callable:
             module = importlib.import_module(target)
     except NlpkitError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way; say which and how
         raise NlpkitError(f"reward.function {spec!r}: importing {target} failed ({type(e).__name__}: {e})") from None
     function = getattr(module, name, None)
     if not callable(function):
@@ -111,7 +112,7 @@ def call_reward_function(spec: str, function: Callable, prompts: list[str], comp
     """Call one reward function and check what it returns: one finite float per completion."""
     try:
         values = function(prompts, completions, **columns)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a failing user function is bad input, not an nlpkit bug
         raise NlpkitError(f"reward.function {spec}: raised {type(e).__name__}: {e} (on {len(completions)} "
                           "completions); fix the function") from None
     try:
@@ -122,6 +123,6 @@ def call_reward_function(spec: str, function: Callable, prompts: list[str], comp
     if len(values) != len(completions):
         raise NlpkitError(f"reward.function {spec}: returned {len(values)} values for {len(completions)} "
                           "completions; return one float per completion")
-    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+    if not all(math.isfinite(v) for v in values):
         raise NlpkitError(f"reward.function {spec}: returned a NaN or infinite value; return finite floats")
     return values

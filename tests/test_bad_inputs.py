@@ -237,6 +237,11 @@ RLHF_CASES = {
     "accumulation that does not divide the minibatch": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "train.gradient_accumulation_steps=3"],
         "train.gradient_accumulation_steps: 3 does not divide the minibatch size 2"),
+    "reward whitening on small minibatches": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.whiten_rewards=true"],
+        "ppo.whiten_rewards: needs at least 8 episodes per minibatch"),
+    "ppo settings with algo grpo": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "algo=grpo"], "ppo: settings of algo ppo, but algo is grpo"),
     "stop token not in the vocabulary": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.stop_token=<nope>"], "ppo.stop_token '<nope>': not a token"),
     "unknown ppo key": (

@@ -61,6 +61,8 @@ def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, t
     scores = [entry["objective/scores"] for entry in log]
     assert sum(scores[-5:]) / 5 >= sum(scores[:5]) / 5 + 1.0, scores  # PPO.md's suggested CI assertion
     assert log[-1]["objective/kl"] > 0
+    # [22] the learning rate decays linearly, one step per update
+    assert [entry["lr"] for entry in log] == pytest.approx([3e-4 * (1 - k / 30) for k in range(1, 31)])
     for entry in log:
         assert entry["policy/approxkl_avg"] < 0.05
         assert 0 <= entry["policy/clipfrac_avg"] <= 1 and 0 <= entry["val/clipfrac_avg"] <= 1  # [27]
@@ -108,6 +110,9 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
     value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    rm_weights = scorer.model.state_dict()
+    assert all(torch.equal(v, rm_weights[k]) for k, v in value.state_dict().items())  # [24] value starts as the RM
+    assert value is not scorer.model  # a separate network
     for model in (policy, reference, value):
         core.disable_dropout(model)
     before = {k: v.clone() for k, v in reference.state_dict().items()}

@@ -204,9 +204,11 @@ def sample(policy, tokenizer, queries, ppo: PPOSection, stop_ids: list[int]):
     import torch
 
     mask = (queries != tokenizer.pad_token_id).long()
+    # Every logits processor off but the temperature: the tokens must come from exactly softmax(logits / T), the
+    # distribution the log-probs are computed under [5]; a model's own repetition penalty would break that.
     out = policy.generate(input_ids=queries, attention_mask=mask, max_new_tokens=ppo.response_length, do_sample=True,
-                          top_k=0, top_p=1.0, temperature=ppo.temperature, eos_token_id=stop_ids,
-                          pad_token_id=tokenizer.pad_token_id)
+                          top_k=0, top_p=1.0, temperature=ppo.temperature, repetition_penalty=1.0,
+                          no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     responses = out[:, queries.shape[1]:]
     missing = ppo.response_length - responses.shape[1]
     if missing:

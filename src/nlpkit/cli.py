@@ -134,7 +134,7 @@ def eval_(
             return sft.evaluate_lm(run_dir, data, mirror=None)
         manifest = report.read_manifest(path)
         mirror = manifest["config"]["data"].get("mirror")
-        if manifest["stage"] == "sft":
+        if manifest["stage"] in ("sft", "rlhf"):  # an rlhf run's policy is a causal LM
             return sft.evaluate_lm(run_dir, data, mirror)
         if manifest["stage"] == "reward":
             from nlpkit.stages import reward

@@ -11,6 +11,18 @@ from conftest import POSITIVE, write_toy_preferences, write_toy_prompts
 from helpers import nlpkit
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Matrices of a 64-wide model are too small to split across threads: one thread is faster, and on shared cores
+    it avoids the oversubscription STACK.md measured (7x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy_reward_model(tmp_path_factory, toy_llama):
     """A reward model for positive words, trained with `nlpkit finetune` (stage: reward) on the toy vocabulary."""
@@ -220,3 +232,27 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
     assert scorer.score(records * 2, ["so #### 2", "#### 3"], [True, True]) == [1.0, 0.0]
+
+
+def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor():  # [4]
+    import torch
+
+    from nlpkit.config import PPOSection
+    from nlpkit.stages import rlhf
+
+    class Recorder:
+        def generate(self, input_ids, **kwargs):
+            self.kwargs = kwargs
+            return torch.cat([input_ids, torch.full((len(input_ids), 3), 7)], 1)  # stopped early: 3 of 5 tokens
+
+    class Tok:
+        pad_token_id = 0
+
+    policy = Recorder()
+    responses = rlhf.sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), PPOSection(response_length=5,
+                                                                                              temperature=0.7), [2])
+    assert responses.tolist() == [[7, 7, 7, 0, 0], [7, 7, 7, 0, 0]]  # padded to exactly response_length
+    kwargs = policy.kwargs
+    assert kwargs["do_sample"] is True and kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0
+    assert kwargs["temperature"] == 0.7 and kwargs["max_new_tokens"] == 5 and kwargs["repetition_penalty"] == 1.0
+    assert kwargs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]  # [2] left padding masked

@@ -86,3 +86,65 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (a clone without ../shared beside it)")
     return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------------------------- the RLHF toy
+# PPO.md's offline toy: a word-level vocabulary, a tiny random Llama, and preferences for "positive" words.
+POSITIVE = ["good", "great", "happy", "love", "nice", "wonderful", "excellent", "fine", "best", "joy"]
+NEUTRAL = ["the", "a", "cat", "dog", "runs", "sits", "table", "house", "tree", "car", "blue", "red", "green", "walks",
+           "eats", "sees", "today", "then", "and", "with", "on", "under", "big", "small", "old", "new", "bird", "fish",
+           "park", "road", "rain", "sun", "moon"]
+TOY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # 4 + 10 + 33 = 47 words; pad, bos and eos all distinct
+
+
+@pytest.fixture(scope="session")
+def toy_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) over a 47-word WordLevel vocabulary, no chat template: prompts are plain text."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(TOY_SPECIALS + POSITIVE + NEUTRAL)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>",
+                                        eos_token="<eos>", unk_token="<unk>", model_max_length=64)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("toy-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_toy_preferences(path: Path, pairs: int, seed: int) -> Path:
+    """prompt/chosen/rejected rows: chosen continuations draw positive words with p=0.5, rejected with p=0.1."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+
+    def continuation(p_positive):
+        return " " + " ".join(rng.choice(POSITIVE) if rng.random() < p_positive else rng.choice(NEUTRAL)
+                              for _ in range(rng.randint(3, 8)))
+
+    with path.open("w") as f:
+        for _ in range(pairs):
+            prompt = " ".join(rng.choice(NEUTRAL) for _ in range(rng.randint(2, 4)))
+            f.write(json.dumps({"prompt": prompt, "chosen": continuation(0.5), "rejected": continuation(0.1)}) + "\n")
+    return path
+
+
+def write_toy_prompts(path: Path, count: int, seed: int) -> Path:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(count):
+            f.write(json.dumps({"prompt": " ".join(rng.choice(NEUTRAL) for _ in range(rng.randint(2, 4)))}) + "\n")
+    return path

@@ -176,6 +176,17 @@ CASES = {
     "global and per-device batch both": (
         lambda t, m: ["finetune", recipe(t, m, train={"global_batch_size": 8})],
         "train.global_batch_size: set it or train.per_device_train_batch_size, not both"),
+    "ppo section on a classify recipe": (
+        lambda t, m: ["finetune", recipe(t, m), "ppo.kl_coef=0.1"], "ppo: only used by stage: rlhf"),
+    "nlpkit rlhf on a classify recipe": (
+        lambda t, m: ["rlhf", recipe(t, m), "--output-dir", t / "run"], "stage is 'classify'; `nlpkit rlhf` runs"),
+    "preference row without rejected": (
+        lambda t, m: ["finetune", recipe(t, m, stage="reward", data={"train": write(
+            t, "p.jsonl", '{"prompt": "hi", "chosen": " yes"}\n'), "eval": None})],
+        "p.jsonl line 1: 'rejected' is missing; preference rows need prompt, chosen, rejected"),
+    "reward extra key checked against RewardConfig": (
+        lambda t, m: ["finetune", recipe(t, m, stage="reward"), "train.extra.center_rewards_coeff=0.01"],
+        "not a RewardConfig field; did you mean 'center_rewards_coefficient'?"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }
@@ -193,6 +204,96 @@ def test_bad_input_exits_2_with_one_clear_line(case, tmp_path, tiny_bert, monkey
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert not (tmp_path / "run" / "nlpkit_run.json").exists()
+
+
+def rlhf_recipe(tmp, policy, reward=None, data=None, **sections) -> str:
+    """A valid tiny rlhf recipe (a reward function, one short update), with parts replaced by the case."""
+    good = tmp / "good_reward.py"
+    good.write_text("def ones(prompts, completions, **_):\n    return [1.0] * len(completions)\n"
+                    "def raises(prompts, completions, **_):\n    raise ValueError('boom')\n"
+                    "def short(prompts, completions, **_):\n    return [1.0]\n")
+    raw = {
+        "stage": "rlhf",
+        "model": {"name": str(policy)},
+        "data": data or {"train": write(tmp, "prompts.jsonl", '{"prompt": "hello"}\n{"prompt": "good day"}\n')},
+        "reward": reward or {"function": f"{good}:ones"},
+        "ppo": {"total_episodes": 4, "batch_size": 4, "num_mini_batches": 2, "response_length": 4},
+        "train": {"bf16": False},
+        **sections,
+    }
+    path = tmp / "rlhf.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def pad_is_eos_reward_model(tmp, policy):
+    """A one-output sequence classifier whose tokenizer pads with its EOS."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp / "rm-pad-eos"
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(policy, num_labels=1)).save_pretrained(
+        folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# id -> (argv builder(tmp, tiny chat llama), text the error line must hold)
+RLHF_CASES = {
+    "reward model that is not a sequence classifier": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"model": str(p)})],
+        "reward.model " + "{p}: not a reward model (architectures ['LlamaForCausalLM'], num_labels 2)"),
+    "reward model whose pad is its EOS": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"model": pad_is_eos_reward_model(t, p)})],
+        "the tokenizer's pad token is its EOS ('<|im_end|>')"),
+    "prompts without a prompt column": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, data={"train": write(t, "q.jsonl", '{"foo": "hello"}\n')})],
+        "q.jsonl: no prompt column (columns: foo)"),
+    "empty prompt": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, data={"train": write(t, "q.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n')})],
+        "q.jsonl line 2: prompt column 'prompt' is missing or empty"),
+    "reward function that raises": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": f"{t / 'good_reward.py'}:raises"})],
+        "good_reward.py:raises: raised ValueError: boom"),
+    "reward function with the wrong length": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": f"{t / 'good_reward.py'}:short"})],
+        "good_reward.py:short: returned 1 values for 4 completions"),
+    "reward function that does not exist": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": "nlpkit.rewards:no_such"})],
+        "reward.function 'nlpkit.rewards:no_such': nlpkit.rewards has no function 'no_such'"),
+    "reward function without a colon": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": "nlpkit.rewards"})], "write it as module:function"),
+    "no reward at all": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"prompt_template": "{prompt}"})], "reward: rlhf needs a reward"),
+    "minibatches that do not divide the batch": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.batch_size=10", "ppo.num_mini_batches=4"],
+        "ppo.num_mini_batches: 4 does not divide ppo.batch_size 10"),
+    "accumulation that does not divide the minibatch": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "train.gradient_accumulation_steps=3"],
+        "train.gradient_accumulation_steps: 3 does not divide the minibatch size 2"),
+    "reward whitening on small minibatches": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.whiten_rewards=true"],
+        "ppo.whiten_rewards: needs at least 8 episodes per minibatch"),
+    "ppo settings with algo grpo": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "algo=grpo"], "ppo: settings of algo ppo, but algo is grpo"),
+    "stop token not in the vocabulary": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.stop_token=<nope>"], "ppo.stop_token '<nope>': not a token"),
+    "unknown ppo key": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.kl_coeff=0.1"], "ppo.kl_coeff: unknown key; did you mean 'kl_coef'?"),
+}
+
+
+@pytest.mark.parametrize("case", RLHF_CASES)
+def test_bad_rlhf_input_exits_2_with_one_clear_line(case, tmp_path, tiny_llama):
+    build, expected = RLHF_CASES[case]
+    argv = build(tmp_path, tiny_llama) + ["--output-dir", str(tmp_path / "run")]
+    result = nlpkit(*argv)
+    assert result.code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected.replace("{p}", str(tiny_llama)) in errors[0], result.stderr
     assert not (tmp_path / "run" / "nlpkit_run.json").exists()
 
 

@@ -23,12 +23,14 @@ from nlpkit.errors import NlpkitError
 
 app = typer.Typer(
     name="nlpkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT.",
+    help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT, reward models and RLHF (PPO).",
 )
 
 STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)
     "classify": "nlpkit.stages.classify",
     "sft": "nlpkit.stages.sft",
+    "reward": "nlpkit.stages.reward",
+    "rlhf": "nlpkit.stages.rlhf",
 }
 
 # A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.
@@ -133,6 +135,30 @@ def finetune(
     _execute(work, as_json, show=_show_run)
 
 
+@app.command()
+def rlhf(
+    recipe: Annotated[Path, typer.Argument(help="An rlhf recipe (stage: rlhf), e.g. recipes/rlhf-hh-ppo.yaml.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. ppo.kl_coef=0.1")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Train a policy against a reward model and/or reward functions with nlpkit's own PPO."""
+
+    def work():
+        from nlpkit.config import load_recipe
+        from nlpkit.stages import rlhf as rlhf_stage
+
+        cfg = load_recipe(recipe, overrides or [])
+        if cfg.stage != "rlhf":
+            raise NlpkitError(f"recipe {recipe}: stage is {cfg.stage!r}; `nlpkit rlhf` runs stage: rlhf recipes "
+                              f"(use `nlpkit finetune {recipe}`)")
+        out = output_dir or Path("runs") / recipe.stem
+        _claim_output_dir(out)
+        return {"output_dir": str(out), **rlhf_stage.run(cfg, out)}
+
+    _execute(work, as_json, show=_show_run)
+
+
 @app.command("eval")
 def eval_(
     run_dir: Annotated[str, typer.Argument(help="A finished run, or any causal LM (alias, directory, hub id).")],
@@ -144,7 +170,8 @@ def eval_(
 ):
     """Evaluate a run (or a causal LM) on a file: the same metric keys as the run's metrics.json.
 
-    Classifiers: accuracy, F1, per-class scores on a labeled file. Causal LMs: loss and perplexity on the trained-on
+    Reward runs: pair accuracy and mean margin on a preference file. Classifiers: accuracy, F1, per-class scores on a
+    labeled file. Causal LMs: loss and perplexity on the trained-on
     (answer) tokens of an instruction file, so a base model and a tuned run compare on the same file."""
 
     def work():
@@ -156,8 +183,12 @@ def eval_(
             return sft.evaluate_lm(run_dir, data, mirror=None)
         manifest = report.read_manifest(path)
         mirror = manifest["config"]["data"].get("mirror")
-        if manifest["stage"] == "sft":
+        if manifest["stage"] in ("sft", "rlhf"):  # an rlhf run's policy is a causal LM
             return sft.evaluate_lm(run_dir, data, mirror)
+        if manifest["stage"] == "reward":
+            from nlpkit.stages import reward
+
+            return reward.evaluate_run(path, data, mirror)
         return classify.evaluate_run(path, data, text_column, text_pair_column, label_column, mirror)
 
     _execute(work, as_json, show=_show_metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,14 +148,68 @@ class GenerationSection(Section):
     eos_check_prompts: int = Field(50, ge=0)  # held prompts generated after sft to measure the EOS stop rate
 
 
+class RewardSection(Section):
+    """Where rlhf scores come from: a reward model, functions of the text, or both (summed)."""
+
+    model: str | None = None  # a `stage: reward` run directory (a sequence classifier with num_labels=1)
+    # Python callables "module:function" or "path/to/file.py:function", called as f(prompts, completions) -> floats
+    # (nlpkit.rewards:gsm8k_exact_match, nlpkit.rewards:unit_test_pass); their values are added to the model's score.
+    function: list[str] = Field(default_factory=list)
+    function_weight: float = 1.0  # multiplies the summed function rewards
+    # How the reward model sees a prompt: the text it was trained on precedes the completion (HH: "\n\nHuman: ...").
+    prompt_template: str = "{prompt}"
+
+    @field_validator("function", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class PPOSection(Section):
+    # Names copy trl's PPOConfig (trl <= 1.12); defaults as PPO.md gives them unless a comment says why.
+    total_episodes: int = Field(512, gt=0)  # prompts sampled in all; updates = ceil(total_episodes / batch_size)
+    batch_size: int = Field(16, gt=0)  # episodes per rollout (one update)
+    num_mini_batches: int = Field(2, gt=0)  # optimiser steps per PPO epoch; must divide batch_size
+    num_ppo_epochs: int = Field(4, gt=0)  # passes over each rollout, a fresh permutation each
+    response_length: int = Field(53, gt=0)  # max_new_tokens, exactly
+    temperature: float = Field(0.7, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k1 in the reward is unbiased; k3 is >= 0 per token
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of responses with no stop token; null = off
+    stop_token: str | None = None  # default: the policy tokenizer's EOS
+    value_model: str | None = None  # default: the reward model (reward.model), else the policy base with a new head
+    num_sample_generations: int = Field(10, ge=0)  # times a table of prompts and responses is logged over the run
+    eval_prompts: int = Field(0, ge=0)  # held-out prompts scored greedily before and after training (0 = skip)
+
+
+class GRPOSection(Section):
+    # algo grpo / rloo (trl's GRPOTrainer / RLOOTrainer); names copy GRPOConfig. Steps and batch come from train:
+    # train.max_steps, train.per_device_train_batch_size (completions per step, a multiple of num_generations).
+    num_generations: int = Field(8, ge=2)  # completions per prompt, compared within their group
+    max_completion_length: int = Field(64, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    beta: float = Field(0.04, gt=0)  # KL to the reference; trl's GRPO default is 0 (no reference at all)
+
+
 class Recipe(Section):
-    stage: Literal["classify", "sft"]
+    stage: Literal["classify", "sft", "reward", "rlhf"]
+    # rlhf: ppo is nlpkit's own loop (the ppo: section); grpo and rloo run trl's trainers (the grpo: section).
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     peft: PeftSection | None = None  # absent: full fine-tuning
     quant: QuantSection | None = None  # absent: full precision
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    reward: RewardSection | None = None  # rlhf: where scores come from
+    ppo: PPOSection | None = None  # rlhf: PPO settings (absent = defaults)
+    grpo: GRPOSection | None = None  # rlhf with algo grpo or rloo (absent = defaults)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -237,20 +292,67 @@ def check_recipe(cfg: Recipe) -> list[str]:
                             "tokens, it wraps no layer); remove it or use lora/ia3")
     if cfg.quant is not None and cfg.quant.bits == 8 and cfg.quant.quant_type == "fp4":
         problems.append("quant.quant_type: fp4 is a 4-bit type; use bits=4 or drop quant_type")
-    problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields))
+    problems += _check_rlhf(cfg)
+    problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields), stage=cfg.stage)
     return problems
 
 
-def _check_extra(extra: dict, modeled: set[str]) -> list[str]:
+def _check_rlhf(cfg: Recipe) -> list[str]:
+    problems = []
+    if cfg.stage != "rlhf":
+        for name in ("reward", "ppo", "grpo"):
+            if getattr(cfg, name) is not None:
+                problems.append(f"{name}: only used by stage: rlhf (this recipe is stage: {cfg.stage}); remove it")
+        return problems
+    if cfg.reward is None or (cfg.reward.model is None and not cfg.reward.function):
+        problems.append("reward: rlhf needs a reward; set reward.model (a `stage: reward` run) and/or "
+                        "reward.function (module:function)")
+    if cfg.quant is not None:
+        problems.append("quant: rlhf trains in full precision here; remove quant")
+    if cfg.peft is not None and cfg.peft.method != "lora":
+        problems.append(f"peft.method: rlhf takes lora (the reference is the disabled adapter), got {cfg.peft.method}")
+    if cfg.algo != "ppo":
+        if cfg.ppo is not None:
+            problems.append(f"ppo: settings of algo ppo, but algo is {cfg.algo}; use the grpo: section")
+        generations = (cfg.grpo or GRPOSection()).num_generations
+        if cfg.train.per_device_train_batch_size % generations:
+            problems.append(f"train.per_device_train_batch_size: {cfg.train.per_device_train_batch_size} is not a "
+                            f"multiple of grpo.num_generations {generations} (each prompt's completions form a group)")
+        return problems
+    if cfg.grpo is not None:
+        problems.append("grpo: settings of algo grpo/rloo, but algo is ppo; use the ppo: section or set algo")
+    ppo = cfg.ppo or PPOSection()
+    if ppo.batch_size % ppo.num_mini_batches:
+        problems.append(f"ppo.num_mini_batches: {ppo.num_mini_batches} does not divide ppo.batch_size "
+                        f"{ppo.batch_size}; every minibatch must be the same size (e.g. ppo.batch_size="
+                        f"{ppo.num_mini_batches * max(1, ppo.batch_size // ppo.num_mini_batches)})")
+    elif (ppo.batch_size // ppo.num_mini_batches) % cfg.train.gradient_accumulation_steps:
+        problems.append(f"train.gradient_accumulation_steps: {cfg.train.gradient_accumulation_steps} does not divide "
+                        f"the minibatch size {ppo.batch_size // ppo.num_mini_batches} (ppo.batch_size / "
+                        "ppo.num_mini_batches)")
+    if ppo.whiten_rewards and ppo.batch_size // ppo.num_mini_batches < 8:
+        problems.append("ppo.whiten_rewards: needs at least 8 episodes per minibatch (ppo.batch_size / "
+                        "ppo.num_mini_batches); raise ppo.batch_size or turn it off")
+    return problems
+
+
+def _check_extra(extra: dict, modeled: set[str], stage: str) -> list[str]:
+    if not extra:
+        return []
     from transformers import TrainingArguments  # heavy import, only when extra keys are given
 
-    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    target = TrainingArguments
+    if stage == "reward":
+        from trl import RewardConfig  # center_rewards_coefficient and friends
+
+        target = RewardConfig
+    allowed = {f.name for f in dataclasses.fields(target) if f.init}
     problems = []
     for key in extra:
         if key in modeled:
             problems.append(f"train.extra.{key}: set it as train.{key}, not under train.extra")
         elif key not in allowed:
-            problems.append(f"train.extra.{key}: not a TrainingArguments field{_did_you_mean(key, allowed)}")
+            problems.append(f"train.extra.{key}: not a {target.__name__} field{_did_you_mean(key, allowed)}")
     return problems
 
 
@@ -273,6 +375,8 @@ def _fields_at(loc: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        # An optional section (`PPOSection | None`) names its fields like a required one.
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

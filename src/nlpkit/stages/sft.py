@@ -122,8 +122,8 @@ def load_lm(model_ref: str):
     path = Path(model_ref)
     if (path / report.MANIFEST).is_file():
         stage = report.read_manifest(path)["stage"]
-        if stage != "sft":
-            raise NlpkitError(f"{model_ref}: a {stage} run, not a causal LM (sft) run")
+        if stage not in ("sft", "rlhf"):  # an rlhf run saves its policy: a causal LM like an sft run's
+            raise NlpkitError(f"{model_ref}: a {stage} run, not a causal LM (sft or rlhf) run")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / "adapter_config.json").is_file():
             return load_adapter_run(path, AutoModelForCausalLM), tokenizer

@@ -1,0 +1,144 @@
+"""nlpkit's PPO against trl 1.12's experimental PPOTrainer on PPO.md's offline toy: episodes/s, peak RSS, final score.
+
+    python benchmarks/ppo_vs_trl.py [--updates 30] [--workdir /tmp/ppo-bench]
+
+trl removed PPOTrainer in 1.13, so trl 1.12.0 is installed into a throwaway virtual environment under --workdir
+(never a project dependency); it reuses this environment's packages (torch, transformers, ...) through a .pth file,
+so only trl differs. Both runs get the same tiny policy, the same reward model (trained once with
+`nlpkit finetune`, stage: reward), the same prompts and the same PPO settings (16 episodes per update, 2 minibatches,
+4 epochs, 12 tokens, T 0.7, kl_coef 0.05, lr 3e-4, missing-EOS penalty 1.0); each runs in its own process, and peak
+RSS is that process's maximum resident set. Targets from issue 5: >= 1.5x episodes/s, <= 0.6x peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the toy's builders live with the tests that use it
+
+TRL_SCRIPT = r'''
+import json, sys, time
+import torch, datasets
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+import trl
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+policy_dir, rm_dir, prompts_file, out, updates = sys.argv[1:6]
+torch.manual_seed(0)
+tokenizer = AutoTokenizer.from_pretrained(policy_dir, padding_side="left")
+prompts = [json.loads(line)["prompt"] for line in open(prompts_file)]
+dataset = datasets.Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+args = PPOConfig(output_dir=out, report_to="none", use_cpu=True, bf16=False, seed=0, learning_rate=3e-4,
+                 per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=2,
+                 num_ppo_epochs=4, total_episodes=16 * int(updates), response_length=12, temperature=0.7,
+                 kl_coef=0.05, missing_eos_penalty=1.0, stop_token="eos", num_sample_generations=0,
+                 logging_steps=1, save_strategy="no")
+trainer = PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(policy_dir),
+                     ref_model=AutoModelForCausalLM.from_pretrained(policy_dir),
+                     reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir),
+                     value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir), train_dataset=dataset)
+started = time.time()
+trainer.train()
+seconds = time.time() - started
+scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
+kls = [e["objective/kl"] for e in trainer.state.log_history if "objective/kl" in e]
+print("RESULT " + json.dumps({"trl": trl.__version__, "train_seconds": seconds, "scores": scores, "kl": kls}))
+'''
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ppo-bench"))
+    args = parser.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+    # ------------------------------------------------------------------ the toy: policy, reward model, prompts
+    import conftest
+
+    class Folders:
+        def mktemp(self, name):
+            (work / name).mkdir(exist_ok=True)
+            return work / name
+
+    policy = conftest.toy_llama.__wrapped__(Folders())
+    conftest.write_toy_preferences(work / "pref_train.jsonl", 1200, seed=1)
+    conftest.write_toy_preferences(work / "pref_test.jsonl", 200, seed=2)
+    prompts = conftest.write_toy_prompts(work / "prompts.jsonl", 300, seed=3)
+    rm = work / "rm"
+    if not (rm / "nlpkit_run.json").is_file():
+        (work / "rm.yaml").write_text(json.dumps({
+            "stage": "reward", "model": {"name": str(policy)},
+            "data": {"train": str(work / "pref_train.jsonl"), "eval": str(work / "pref_test.jsonl"), "max_length": 32},
+            "train": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 0,
+                      "save_strategy": "no", "bf16": False}}))
+        subprocess.run([sys.executable, "-m", "nlpkit", "finetune", str(work / "rm.yaml"), "--output-dir", str(rm)],
+                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # ------------------------------------------------------------------ nlpkit
+    recipe = work / "ppo.yaml"
+    recipe.write_text(json.dumps({
+        "stage": "rlhf", "model": {"name": str(policy)}, "data": {"train": str(prompts), "max_length": 16},
+        "reward": {"model": str(rm)},
+        "ppo": {"total_episodes": 16 * args.updates, "batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4,
+                "response_length": 12, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
+                "num_sample_generations": 0, "eval_prompts": 0},
+        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0}}))
+    ours_dir = work / f"ours-{int(time.time())}"
+    _, rss_ours = run_measured([sys.executable, "-m", "nlpkit", "rlhf", str(recipe), "--output-dir", str(ours_dir),
+                                "--json"], env)
+    log = [json.loads(line) for line in (ours_dir / "train_log.jsonl").read_text().splitlines()]
+    ours = {"episodes_per_s": log[-1]["eps"], "peak_rss_mb": rss_ours,
+            "final_score": mean([e["objective/scores"] for e in log[-5:]]),
+            "first_score": mean([e["objective/scores"] for e in log[:5]]), "final_kl": log[-1]["objective/kl"]}
+
+    # ------------------------------------------------------------------ trl 1.12 in a throwaway environment
+    venv = work / "trl112-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "trl==1.12.0"], check=True)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        ours_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+        (site / "nlpkit-bench.pth").write_text(ours_site + "\n")  # torch, transformers, ... from this environment
+    script = work / "trl_ppo.py"
+    script.write_text(TRL_SCRIPT)
+    output, rss_trl = run_measured([str(venv / "bin" / "python"), str(script), str(policy), str(rm), str(prompts),
+                                    str(work / "trl-out"), str(args.updates)], {**env, "PYTHONPATH": ""})
+    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+    theirs = {"episodes_per_s": 16 * args.updates / result["train_seconds"], "peak_rss_mb": rss_trl,
+              "final_score": mean(result["scores"][-5:]), "first_score": mean(result["scores"][:5]),
+              "final_kl": result["kl"][-1], "trl": result["trl"]}
+
+    report = {"updates": args.updates, "nlpkit": ours, "trl_1_12": theirs,
+              "episodes_per_s_ratio": ours["episodes_per_s"] / theirs["episodes_per_s"],
+              "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+              "targets": {"episodes_per_s_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.6"}}
+    print(json.dumps(report, indent=2))
+
+
+def run_measured(argv: list[str], env: dict) -> tuple[str, float]:
+    """Run a command; return its stdout and its peak RSS in MB (from wait4's rusage of that child alone)."""
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{argv[:4]} exited {process.returncode}")
+    return output, usage.ru_maxrss / 1024
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+if __name__ == "__main__":
+    main()

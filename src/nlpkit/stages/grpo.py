@@ -1,0 +1,77 @@
+"""RLHF with trl's GRPO or RLOO (`algo: grpo` / `algo: rloo` in a stage: rlhf recipe), with nlpkit's scoring.
+
+    nlpkit rlhf recipes/rlhf-gsm8k-grpo.yaml
+
+The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
+reward function, which avoids trl's traps on this stack (PPO.md, "What we saw"): the reward model is never given to
+trl, so no hub lookup for its tokenizer, and the EOS RewardTrainer trained with is put back when the policy stopped
+(trl decodes completions without it). beta > 0 keeps a KL to the reference; the policy is loaded from its path (a
+model built in memory makes trl fail to rebuild the reference), and with LoRA the reference is the disabled adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nlpkit import report
+from nlpkit.adapters import peft_config
+from nlpkit.config import GRPOSection, Recipe
+from nlpkit.data import open_source
+from nlpkit.models import bf16_is_fast, load_tokenizer, resolve_model
+from nlpkit.stages.reward import distinct_pad
+from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records, stop_token_ids
+
+
+def run(cfg: Recipe, output_dir: Path) -> dict:
+    import datasets
+    import torch
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    started = time.time()
+    set_seed(cfg.train.seed)
+    grpo = cfg.grpo or GRPOSection()
+    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    tokenizer = distinct_pad(load_tokenizer(cfg.model), "model.name")
+    tokenizer.padding_side = "left"
+    stop_ids = stop_token_ids(tokenizer, None)
+    rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
+    records = prompt_records(rows, prompt_column(rows, cfg.data.text_column))
+    if cfg.data.max_train_samples:
+        records = records[:cfg.data.max_train_samples]
+    # Conversational prompts: trl renders them with the policy's chat template, as `nlpkit chat` does.
+    dataset = datasets.Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
+                                          for r in records])
+    scorer = Scorer(cfg, bf16, torch.device("cpu"))
+
+    def reward(prompts, completions, completion_ids, **columns):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        batch = [{**{k: v[i] for k, v in columns.items() if isinstance(v, list)},
+                  "prompt": p[-1]["content"] if isinstance(p, list) else p} for i, p in enumerate(prompts)]
+        stopped = [any(t in stop_ids for t in ids) for ids in completion_ids]
+        return scorer.score(batch, texts, stopped)
+
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if cfg.algo == "grpo" else (RLOOConfig, RLOOTrainer)
+    kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)
+    kwargs["train_sampling_strategy"] = "random"  # group_by_length needs input_ids; prompts are messages here
+    # trl turns activation checkpointing on by default: a second forward per step, and memory is rarely the limit
+    # at these sizes (train.extra.gradient_checkpointing=true brings it back).
+    kwargs.setdefault("gradient_checkpointing", False)
+    args = config_class(**kwargs, num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
+                        temperature=grpo.temperature, beta=grpo.beta)
+    trainer = trainer_class(
+        model=resolve_model(cfg.model.name, cfg.model.allow_pickle), reward_funcs=[reward], args=args,
+        train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config(cfg.peft, "CAUSAL_LM") if cfg.peft is not None else None,
+        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
+    )
+    result = trainer.train()
+    history = [entry for entry in trainer.state.log_history if "reward" in entry]
+    metrics = {"train_loss": result.training_loss, **report.throughput(result.metrics),
+               "reward_first_step": history[0]["reward"] if history else None,
+               "reward_last_step": history[-1]["reward"] if history else None, "logged_steps": len(history)}
+    trainer.save_model(str(output_dir))  # the adapter (with LoRA) or the policy, and the tokenizer
+    task = {"algo": cfg.algo, "bf16": bf16, "labels": None, "train_prompts": len(records)}
+    report.write_run(output_dir, cfg, metrics, task=task, datasets=[rows], started=started)
+    return metrics

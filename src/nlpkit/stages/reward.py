@@ -1,0 +1,201 @@
+"""A reward model from preference pairs, with trl's RewardTrainer: a sequence classifier with one output (num_labels=1).
+
+    nlpkit finetune recipes/reward-hh.yaml
+    nlpkit eval runs/reward-hh --data hh_rlhf:test --json        # pair accuracy and mean margin on any preference file
+
+Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is
+-log sigmoid(r_chosen - r_rejected), with r read at the last real token. trl appends the EOS to every text, so the
+score is read AT the EOS: `nlpkit rlhf` scores policy responses the same way. Pad is never the EOS (PPO.md item 1):
+the classifier finds the last real token by the first pad, and a pad equal to EOS would hide the token it scores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nlpkit import report, training
+from nlpkit.adapters import apply_peft, load_adapter_run
+from nlpkit.config import Recipe
+from nlpkit.data import Rows, default_eval_source, open_source, subsample
+from nlpkit.errors import NlpkitError
+from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+
+MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` loads a run with
+SAMPLE_TEXTS = ["Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then let it rise.",
+                "Human: Tell me a joke.\n\nAssistant: No."]
+
+
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
+    import datasets
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
+    set_seed(cfg.train.seed)  # before the model exists: the new score head's init is part of the run
+    tokenizer = distinct_pad(load_tokenizer(cfg.model), "model.name")
+    train_rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
+    train_pairs = subsample(preference_columns(train_rows), cfg.data.max_train_samples, cfg.train.seed)
+    eval_spec = cfg.data.eval or default_eval_source(cfg.data.train)
+    eval_rows = open_source(eval_spec, "test", "data.eval", cfg.data.mirror) if eval_spec else None
+    eval_pairs = subsample(preference_columns(eval_rows), cfg.data.max_eval_samples, cfg.train.seed) if eval_rows \
+        else None
+
+    model = load_model(AutoModelForSequenceClassification, cfg.model, num_labels=1,
+                       pad_token_id=tokenizer.pad_token_id)
+    if cfg.peft is not None:
+        model = apply_peft(model, cfg.peft, task_type="SEQ_CLS")  # the score head trains in full and is saved
+    else:
+        report.print_parameters(model)
+    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)
+    if kwargs["train_sampling_strategy"] == "group_by_length":
+        # Length grouping reads an input_ids column; preference rows hold chosen_ids and rejected_ids instead.
+        kwargs["train_sampling_strategy"] = "random"
+    args = RewardConfig(**kwargs, max_length=cfg.data.max_length)
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=datasets.Dataset.from_dict(train_pairs),
+                            callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")])
+    if len(trainer.train_dataset) == 0:
+        raise NlpkitError(f"{train_rows.name}: every pair is longer than data.max_length={cfg.data.max_length} tokens "
+                          "(trl drops those); raise data.max_length")
+    dropped = len(train_pairs["chosen"]) - len(trainer.train_dataset)
+    if dropped:
+        report.warn(f"{train_rows.name}: {dropped} of {len(train_pairs['chosen'])} pairs dropped: longer than "
+                    f"data.max_length={cfg.data.max_length} tokens")
+    metrics = {**training.fit(trainer, cfg, checkpoint), "train_pairs": len(trainer.train_dataset)}
+    if eval_pairs is not None:
+        metrics |= pair_metrics(trainer.model, tokenizer, eval_pairs, cfg.data.max_length,
+                                cfg.train.per_device_eval_batch_size, bf16)
+        report.info(f"pair accuracy {metrics['eval_pair_accuracy']:.3f} on {metrics['eval_pairs']} held-out pairs")
+    trainer.save_model(str(output_dir))  # model (or adapter + score head) and tokenizer
+    if cfg.peft is not None and report.is_main_process():  # an adapter save has no config.json: keep num_labels, pad id, and say what it is
+        base = trainer.model.get_base_model()
+        base.config.architectures = [type(base).__name__]  # else the base checkpoint's (a causal LM) stays
+        base.config.save_pretrained(output_dir)
+    task = {"max_length": cfg.data.max_length, "bf16": bf16, "eos_token": tokenizer.eos_token, "labels": None}
+    report.write_run(output_dir, cfg, metrics, task=task, datasets=[train_rows] + ([eval_rows] if eval_rows else []),
+                     started=started)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(run_dir: Path, data_spec: str, mirror: str | None) -> dict:
+    """Pair accuracy and mean margin of a reward run on any preference file: the same keys as its metrics.json."""
+    manifest = report.read_manifest(run_dir)
+    model, tokenizer = load_reward_model(str(run_dir), "RUN_DIR")
+    rows = open_source(data_spec, "test", "--data", mirror)
+    return pair_metrics(model, tokenizer, preference_columns(rows), manifest["task"]["max_length"],
+                        manifest["config"]["train"]["per_device_eval_batch_size"], manifest["task"]["bf16"])
+
+
+def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batch_size: int, bf16: bool) -> dict:
+    """Score chosen and rejected texts exactly as RewardTrainer trained on them (text + EOS, read at the EOS).
+
+    Texts longer than max_length keep their end (left truncation), where the scored EOS is, so no pair is dropped.
+    Ties count as wrong: a reward model that scores everything alike has accuracy 0, not 0.5.
+    """
+    prompts = pairs.get("prompt") or [""] * len(pairs["chosen"])
+    chosen = score_texts(model, tokenizer, [p + c for p, c in zip(prompts, pairs["chosen"])], max_length,
+                         batch_size, bf16)
+    rejected = score_texts(model, tokenizer, [p + r for p, r in zip(prompts, pairs["rejected"])], max_length,
+                           batch_size, bf16)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}
+
+
+def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int, bf16: bool) -> list[float]:
+    """Reward of each text with the EOS appended (as trl trains), read at the last real token."""
+    model.eval()
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer(text + tokenizer.eos_token)["input_ids"][-max_length:]
+               for text in texts[start:start + batch_size]]
+        scores += score_ids(model, ids, tokenizer.pad_token_id, bf16)
+    return scores
+
+
+def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[float]:
+    """Right-pad token lists, run the classifier, read the score at each list's last token."""
+    import torch
+
+    from nlpkit.ppo.core import per_token_scores, scores_at
+
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(row) for row in ids], device=device)
+    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
+    for i, row in enumerate(ids):
+        batch[i, :len(row)] = torch.tensor(row)
+    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
+    return scores_at(per_token, lengths - 1).tolist()
+
+
+def load_reward_model(ref: str, key: str):
+    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise NlpkitError(f"{key} {ref}: not a reward model directory (no config.json); give the output directory of "
+                          "a `stage: reward` run")
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise NlpkitError(f"{key} {ref}: not a reward model (architectures {architectures}, num_labels "
+                          f"{config.num_labels}); it must be a sequence classifier with num_labels=1, as "
+                          "`nlpkit finetune` with stage: reward writes")
+    tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
+    if (path / "adapter_config.json").is_file():
+        model = load_adapter_run(path, AutoModelForSequenceClassification).merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def preference_columns(rows: Rows) -> dict[str, list]:
+    """Validate every row: prompt (optional, in every row or none), chosen, rejected as text.
+
+    With an explicit prompt a reply may be blank (HH-RLHF prefers saying nothing in a few pairs: the score is then
+    read at the EOS right after the prompt); a whole text never may.
+    """
+    explicit = "prompt" in rows.rows[0]
+    needed = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
+    columns = {name: [] for name in needed}
+    for i, row in enumerate(rows.rows):
+        for name in needed:
+            value = row.get(name)
+            blank_allowed = explicit and name != "prompt"
+            if not isinstance(value, str) or not (value.strip() or blank_allowed):
+                what = "missing" if name not in row else "empty or not text"
+                raise NlpkitError(f"{rows.where(i)}: {name!r} is {what}; preference rows need "
+                                  f"{', '.join(needed)} (this row has {', '.join(row) or 'no fields'})")
+            columns[name].append(value)
+    return columns
+
+
+def distinct_pad(tokenizer, key: str, fix: bool = True):
+    """Pad must differ from EOS (PPO.md item 1). When training, borrow a spare special token; a saved reward model
+    whose pad is its EOS is refused: it was trained reading its scores at the wrong token."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return tokenizer
+    if not fix:
+        raise NlpkitError(f"{key}: the tokenizer's pad token is its EOS ({tokenizer.eos_token!r}), so the EOS the "
+                          "score is read at looks like padding; retrain it with `nlpkit finetune` (stage: reward), "
+                          "which picks a distinct pad")
+    spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>", "[PAD]") if t in tokenizer.get_vocab()
+                  and t != tokenizer.eos_token), None)
+    if spare is None:
+        raise NlpkitError(f"{key}: the tokenizer has no pad token distinct from its EOS; pick a model whose "
+                          "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
+    tokenizer.pad_token = spare
+    return tokenizer

@@ -1,0 +1,449 @@
+"""RLHF with nlpkit's own PPO loop (trl deleted its PPOTrainer): a policy, a frozen reference, a reward, a value model.
+
+    nlpkit finetune recipes/reward-hh.yaml          # first: the reward model
+    nlpkit rlhf recipes/rlhf-hh-ppo.yaml            # then: PPO against it
+    nlpkit chat runs/rlhf-hh-ppo --prompt "How do I stay safe online?"
+
+One update: sample `ppo.batch_size` prompts, generate responses (left padding, sampling at temperature T), cut each
+after its first stop token, score it (reward model at the EOS, plus reward functions, minus a penalty when no EOS
+came), shape per-token rewards with the KL to the reference, compute GAE advantages from the value model, then
+`num_ppo_epochs` passes of `num_mini_batches` clipped policy + value steps. The math lives in nlpkit/ppo/core.py as
+small tested functions; the numbers in brackets are the items of the PPO checklist (../shared/PPO.md).
+
+With LoRA there is one base model in memory: the policy is the adapter, the reference is the adapter disabled [26].
+The value model is a separate sequence classifier initialised from the reward model [24]. Only the policy is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+from nlpkit import report
+from nlpkit.adapters import apply_peft
+from nlpkit.config import PPOSection, Recipe
+from nlpkit.data import Rows, open_source
+from nlpkit.errors import NlpkitError
+from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.ppo import core
+from nlpkit.rewards import call_reward_function, load_reward_function
+from nlpkit.stages.reward import distinct_pad, load_reward_model, score_ids
+
+MODEL_CLASS = "AutoModelForCausalLM"  # what `nlpkit merge` loads a run with
+SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
+PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
+
+
+def run(cfg: Recipe, output_dir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
+        from nlpkit.stages import grpo
+
+        return grpo.run(cfg, output_dir)
+    started = time.time()
+    set_seed(cfg.train.seed)
+    ppo = cfg.ppo or PPOSection()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+
+    # ------------------------------------------------------------------ prompts: train, and held out for the eval
+    tokenizer = distinct_pad(load_tokenizer(cfg.model), "model.name")  # [1]
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # [2]; long prompts keep their end
+    stop_ids = stop_token_ids(tokenizer, ppo.stop_token)
+    rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
+    column = prompt_column(rows, cfg.data.text_column)
+    train_prompts, eval_prompts = split_prompts(rows, column, cfg, ppo)
+    datasets_used = [rows]
+    if cfg.data.eval:
+        eval_rows = open_source(cfg.data.eval, "test", "data.eval", cfg.data.mirror)
+        eval_prompts = prompt_records(eval_rows, prompt_column(eval_rows, cfg.data.text_column))[:ppo.eval_prompts
+                                                                                                  or None]
+        datasets_used.append(eval_rows)
+
+    # ------------------------------------------------------------------ models
+    scorer = Scorer(cfg, bf16, device)
+    policy = load_model(AutoModelForCausalLM, cfg.model)
+    if cfg.peft is not None:
+        policy = apply_peft(policy, cfg.peft, task_type="CAUSAL_LM")  # LoRA B = 0: the policy starts at the reference
+        reference = None  # [26] the reference is the policy with its adapter disabled
+    else:
+        report.print_parameters(policy)
+        reference = copy.deepcopy(policy).requires_grad_(False)  # [11] frozen
+    value_model = load_value_model(cfg, ppo, tokenizer, scorer)
+    for model in (policy, reference, value_model):
+        if model is not None:
+            core.disable_dropout(model)  # [3]
+            model.to(device)
+    if reference is not None:
+        reference.eval()
+    trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
+    # [22, 25] one optimiser over policy and value; AdamW eps 1e-5 as N+; the LR decays linearly, once per update.
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, eps=1e-5, weight_decay=cfg.train.weight_decay)
+    updates = core.num_updates(ppo.total_episodes, ppo.batch_size)  # [23]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / updates)
+
+    metrics = {}
+    if eval_prompts:
+        metrics |= {f"{k}_before": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
+                                                          stop_ids, bf16, device).items()}
+
+    # ------------------------------------------------------------------ the loop
+    log_path, samples_path = output_dir / "train_log.jsonl", output_dir / "samples.jsonl"
+    order = random.Random(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sample_every = max(1, updates // ppo.num_sample_generations) if ppo.num_sample_generations else 0
+    loop_started, episode, stats = time.time(), 0, {}
+    pool = []
+    for update in range(1, updates + 1):
+        while len(pool) < ppo.batch_size:  # walk the prompts in a fresh seeded order each pass
+            pool += order.sample(train_prompts, len(train_prompts))
+        batch, pool = pool[:ppo.batch_size], pool[ppo.batch_size:]
+        rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device)
+        stats = train_on_rollout(policy, value_model, optimizer, rollout, ppo, cfg.train.gradient_accumulation_steps,
+                                 generator, bf16)
+        scheduler.step()
+        episode += ppo.batch_size
+        stats |= rollout["stats"] | {"lr": scheduler.get_last_lr()[0], "episode": episode,
+                                     "eps": episode / (time.time() - loop_started)}
+        with log_path.open("a") as f:
+            f.write(json.dumps({"update": update, **stats}) + "\n")
+        report.info(f"update {update}/{updates}  score {stats['objective/scores']:+.3f}  kl "
+                    f"{stats['objective/kl']:.3f}  approxkl {stats['policy/approxkl_avg']:.4f}  clipfrac "
+                    f"{stats['policy/clipfrac_avg']:.3f}  eos {stats['val/num_eos_tokens']}/{ppo.batch_size}")
+        if sample_every and (update % sample_every == 0 or update == 1):
+            log_samples(samples_path, update, batch, rollout)
+
+    # ------------------------------------------------------------------ save the policy only [25], evaluate
+    metrics |= {key: stats[key] for key in ("objective/kl", "objective/scores", "objective/rlhf_reward",
+                                            "policy/approxkl_avg", "eps")}
+    metrics |= {"updates": updates, "episodes": episode, "train_runtime": round(time.time() - loop_started, 1)}
+    if eval_prompts:
+        metrics |= {f"{k}_after": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
+                                                         stop_ids, bf16, device).items()}
+        metrics["eval_score_gain"] = metrics["eval_score_after"] - metrics["eval_score_before"]
+        metrics["eval_prompts"] = len(eval_prompts)
+    policy.save_pretrained(output_dir)  # with LoRA: the adapter only
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(output_dir)
+    base = policy.get_base_model() if cfg.peft is not None else policy
+    base.generation_config.save_pretrained(output_dir)
+    if cfg.peft is not None:
+        base.config.save_pretrained(output_dir)  # an adapter save has no config.json
+    task = {"prompt_column": column, "stop_token_ids": stop_ids, "bf16": bf16, "labels": None,
+            "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)}
+    report.write_run(output_dir, cfg, metrics, task=task, datasets=datasets_used, started=started)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+
+def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[dict], ppo: PPOSection,
+                 stop_ids: list[int], bf16: bool, device) -> dict:
+    """Generate, score and compute advantages for one batch of prompts, all without gradients [4]."""
+    import torch
+
+    queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
+    context = queries.shape[1]
+    policy.eval()
+    with torch.no_grad(), autocast(bf16, device):
+        responses = sample(policy, tokenizer, queries, ppo, stop_ids)
+        query_responses = torch.cat([queries, responses], 1)
+        logprobs = forward_logprobs(policy, query_responses, context, responses, tokenizer.pad_token_id,
+                                    ppo.temperature)
+        if reference is None:
+            with policy.disable_adapter():  # [26] the reference is the base without the adapter
+                ref_logprobs = forward_logprobs(policy, query_responses, context, responses, tokenizer.pad_token_id,
+                                                ppo.temperature)
+        else:
+            ref_logprobs = forward_logprobs(reference, query_responses, context, responses, tokenizer.pad_token_id,
+                                            ppo.temperature)
+        values = forward_values(value_model, query_responses, context, tokenizer.pad_token_id)
+
+    ends, has_stop = core.end_indices(responses, stop_ids)  # [7, 8]
+    pad_mask = core.padding_mask(ends, responses.shape[1])
+    valid = ~pad_mask
+    logprobs = logprobs.masked_fill(pad_mask, core.INVALID_LOGPROB)  # [15]
+    ref_logprobs = ref_logprobs.masked_fill(pad_mask, core.INVALID_LOGPROB)
+    values = values.masked_fill(pad_mask, 0.0)
+    completions = decode_responses(tokenizer, responses, ends, has_stop)
+    raw_scores = torch.tensor(scorer.score(batch, completions, has_stop.tolist()), device=responses.device)
+    scores = core.apply_missing_eos_penalty(raw_scores, has_stop, ppo.missing_eos_penalty)  # [9]
+
+    kl = (core.kl_k1 if ppo.kl_estimator == "k1" else core.kl_k3)(logprobs, ref_logprobs)  # [12]; 0 after the end
+    non_score_reward = -ppo.kl_coef * kl
+    rewards = core.shaped_rewards(scores, kl, ppo.kl_coef, ends)  # [13, 14]
+    if ppo.whiten_rewards:
+        rewards = core.masked_whiten(rewards, valid, shift_mean=False).masked_fill(pad_mask, 0.0)  # [16]
+    advantages, returns = core.gae(rewards, values, valid.float(), ppo.gamma, ppo.lam)  # [17]
+    advantages = core.masked_whiten(advantages, valid).masked_fill(pad_mask, 0.0)  # [18]
+
+    stats = {
+        "objective/kl": kl.sum(1).mean().item(),
+        "objective/entropy": (-logprobs).masked_fill(pad_mask, 0.0).sum(1).mean().item(),
+        "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean().item(),
+        "objective/scores_without_penalty": raw_scores.mean().item(),
+        "val/num_eos_tokens": int(has_stop.sum()),
+        "objective/response_length": (ends + 1).float().mean().item(),
+    }
+    return {"pad_id": tokenizer.pad_token_id, "query_responses": query_responses, "responses": responses, "context": context, "logprobs": logprobs,
+            "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "pad_mask": pad_mask, "completions": completions, "scores": scores, "stats": stats}
+
+
+def sample(policy, tokenizer, queries, ppo: PPOSection, stop_ids: list[int]):
+    """Sample exactly up to response_length tokens: do_sample, top_k=0, top_p=1, temperature T [4]. Sequences that
+    stop early are padded to the full window, so every rollout has the same shape."""
+    import torch
+
+    mask = (queries != tokenizer.pad_token_id).long()
+    # Every logits processor off but the temperature: the tokens must come from exactly softmax(logits / T), the
+    # distribution the log-probs are computed under [5]; a model's own repetition penalty would break that.
+    out = policy.generate(input_ids=queries, attention_mask=mask, max_new_tokens=ppo.response_length, do_sample=True,
+                          top_k=0, top_p=1.0, temperature=ppo.temperature, repetition_penalty=1.0,
+                          no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    responses = out[:, queries.shape[1]:]
+    missing = ppo.response_length - responses.shape[1]
+    if missing:
+        responses = torch.cat([responses, responses.new_full((len(responses), missing), tokenizer.pad_token_id)], 1)
+    return responses
+
+
+def forward_logprobs(model, query_responses, context: int, responses, pad_id: int, temperature: float):
+    """Log-probs of the response tokens at temperature T, as in the rollout and in training [5, 6]."""
+    logits = core.response_logits(model, query_responses, context, pad_id)
+    return core.logprobs_from_logits(logits, responses, temperature)
+
+
+def forward_values(value_model, query_responses, context: int, pad_id: int):
+    """V(state before each response token): the value head at positions context-1 .. -2 [24]."""
+    ids, mask, positions = core.left_padded_inputs(query_responses, pad_id, response_start=context)
+    return core.per_token_scores(value_model, ids, mask, positions)[:, context - 1:-1]
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+
+def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSection, accumulation: int,
+                     generator, bf16: bool) -> dict:
+    """num_ppo_epochs x num_mini_batches clipped policy + value steps on one rollout [19, 20, 21]."""
+    import torch
+
+    policy.train()
+    value_model.train()
+    device = rollout["responses"].device
+    sums, count, first_ratio_dev = {}, 0, None
+    for _ in range(ppo.num_ppo_epochs):
+        for minibatch in core.minibatches(ppo.batch_size, ppo.num_mini_batches, generator):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in minibatch.chunk(accumulation):  # gradient accumulation inside a minibatch [21]
+                micro = micro.to(device)
+                pick = {k: rollout[k][micro] for k in ("query_responses", "responses", "logprobs", "values",
+                                                       "advantages", "returns", "pad_mask")}
+                valid = ~pick["pad_mask"]
+                with autocast(bf16, device):
+                    logits = core.response_logits(policy, pick["query_responses"], rollout["context"],
+                                                  rollout["pad_id"])
+                    vpred = forward_values(value_model, pick["query_responses"], rollout["context"],
+                                           rollout["pad_id"])
+                new_logprobs = core.logprobs_from_logits(logits, pick["responses"], ppo.temperature)
+                new_logprobs = new_logprobs.masked_fill(pick["pad_mask"], core.INVALID_LOGPROB)
+                vpred = vpred.masked_fill(pick["pad_mask"], 0.0)
+                pg_loss, pg_stats = core.policy_loss(new_logprobs, pick["logprobs"], pick["advantages"], valid,
+                                                     ppo.cliprange)
+                vf_loss, vf_stats = core.value_loss(vpred, pick["values"], pick["returns"], valid, ppo.cliprange_value)
+                loss = pg_loss + ppo.vf_coef * vf_loss  # [20]
+                (loss / accumulation).backward()
+                with torch.no_grad():
+                    ratio = (new_logprobs - pick["logprobs"]).exp()[valid]
+                    if first_ratio_dev is None:  # [5] before any optimiser step this must be 1 (test: +-1e-3)
+                        first_ratio_dev = (ratio - 1).abs().max().item()
+                    entropy = core.masked_mean(core.entropy_from_logits(logits.detach() / ppo.temperature), valid)
+                    step = {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                            "val/clipfrac_avg": vf_stats["clipfrac"], "loss/policy_avg": pg_loss.detach(),
+                            "loss/value_avg": vf_loss.detach(), "policy/entropy_avg": entropy,
+                            "val/ratio": ratio.mean(), "val/ratio_var": ratio.var() if ratio.numel() > 1 else
+                            torch.tensor(0.0)}
+                for key, value in step.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+            optimizer.step()
+    stats = {key: value / count for key, value in sums.items()}
+    stats["policy/first_minibatch_ratio_max_dev"] = first_ratio_dev
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Score completions: the reward model at the EOS (text in the reward model's own format), plus weighted
+    reward functions. The same object scores the training rollouts and the before/after evaluation."""
+
+    def __init__(self, cfg: Recipe, bf16: bool, device):
+        self.template = cfg.reward.prompt_template
+        self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
+        self.weight = cfg.reward.function_weight
+        self.bf16 = bf16
+        self.model = self.tokenizer = None
+        self.max_length = 1024
+        if cfg.reward.model is not None:
+            self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
+            self.model.requires_grad_(False).to(device)
+            core.disable_dropout(self.model)  # [3]
+            manifest = Path(cfg.reward.model) / report.MANIFEST
+            if manifest.is_file():  # score no longer text than the reward model was trained on
+                self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
+
+    def score(self, batch: list[dict], completions: list[str], has_stop: list[bool]) -> list[float]:
+        totals = [0.0] * len(completions)
+        if self.model is not None:
+            # The EOS goes back on when the policy stopped: RewardTrainer trained on text + EOS and reads the score
+            # there [8]. A response cut by the window has no EOS and is read at its last token (and penalised [9]).
+            ids = [self.tokenizer(self.template.format(prompt=record["prompt"]) + completion +
+                                  (self.tokenizer.eos_token if stopped else ""))["input_ids"][-self.max_length:]
+                   for record, completion, stopped in zip(batch, completions, has_stop)]
+            totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
+        if self.functions:
+            prompts = [record["prompt"] for record in batch]
+            columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
+            for spec, function in self.functions:
+                values = call_reward_function(spec, function, prompts, completions, columns)
+                totals = [t + self.weight * v for t, v in zip(totals, values)]
+        return totals
+
+
+def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
+    """The value model: a separate sequence classifier, from the reward model by default [24]. It reads the policy's
+    token ids, so it must share the policy's vocabulary."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from nlpkit.config import ModelSection
+
+    if ppo.value_model is not None:
+        model, value_tokenizer = load_reward_model(ppo.value_model, "ppo.value_model")
+        key = "ppo.value_model"
+    elif scorer.model is not None:
+        model, value_tokenizer, key = copy.deepcopy(scorer.model).cpu(), scorer.tokenizer, "reward.model"
+    else:  # reward functions only: the policy's base with a fresh one-output head
+        model = load_model(AutoModelForSequenceClassification, ModelSection(**cfg.model.model_dump()), num_labels=1,
+                           pad_token_id=tokenizer.pad_token_id)
+        value_tokenizer, key = tokenizer, "model.name"
+    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise NlpkitError(f"{key}: the value model starts from it, but its vocabulary differs from the policy's "
+                          f"({cfg.model.name}); train the reward model from the same base, or set ppo.value_model")
+    model.requires_grad_(True)
+    return model.to(torch.float32)
+
+
+def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection, stop_ids: list[int],
+             bf16: bool, device, batch_size: int = 16) -> dict:
+    """Greedy responses to held-out prompts, scored without the EOS penalty: what a user of the policy would get."""
+    import torch
+
+    policy.eval()
+    scores, stops = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
+        with torch.no_grad(), autocast(bf16, device):
+            out = policy.generate(input_ids=queries, attention_mask=(queries != tokenizer.pad_token_id).long(),
+                                  max_new_tokens=ppo.response_length, do_sample=False,
+                                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        responses = out[:, queries.shape[1]:]
+        ends, has_stop = core.end_indices(responses, stop_ids)
+        completions = decode_responses(tokenizer, responses, ends, has_stop)
+        scores += scorer.score(batch, completions, has_stop.tolist())
+        stops += has_stop.tolist()
+    return {"eval_score": sum(scores) / len(scores), "eval_eos_rate": sum(stops) / len(stops)}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
+    """The configured stop token (default: the EOS) as ids; checked, since a stop token the tokenizer does not
+    know would never be generated and every response would be penalised [9]."""
+    token = stop_token or tokenizer.eos_token
+    if token is None or token not in tokenizer.get_vocab():
+        raise NlpkitError(f"ppo.stop_token {token!r}: not a token of the policy's tokenizer; use its EOS "
+                          f"({tokenizer.eos_token!r}) or another single token of its vocabulary")
+    return [tokenizer.convert_tokens_to_ids(token)]
+
+
+def prompt_column(rows: Rows, chosen: str | None) -> str:
+    present = list(rows.rows[0])
+    column = chosen or next((c for c in PROMPT_COLUMNS if c in present), None)
+    if column is None or column not in present:
+        raise NlpkitError(f"{rows.name}: no prompt column (columns: {', '.join(present)}); rlhf needs one of "
+                          f"{', '.join(PROMPT_COLUMNS)}, or set data.text_column to the column that holds prompts")
+    return column
+
+
+def prompt_records(rows: Rows, column: str) -> list[dict]:
+    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
+    records = []
+    for i, row in enumerate(rows.rows):
+        text = row.get(column)
+        if not isinstance(text, str) or not text.strip():
+            raise NlpkitError(f"{rows.where(i)}: prompt column {column!r} is missing or empty; fill it or remove "
+                              "the row")
+        records.append({**{k: v for k, v in row.items() if k != column}, "prompt": text})
+    return records
+
+
+def split_prompts(rows: Rows, column: str, cfg: Recipe, ppo: PPOSection) -> tuple[list[dict], list[dict]]:
+    """Hold out ppo.eval_prompts prompts (seeded) that training never samples, unless data.eval gives its own."""
+    records = prompt_records(rows, column)
+    random.Random(cfg.train.seed).shuffle(records)
+    held = 0 if cfg.data.eval else ppo.eval_prompts
+    if held >= len(records):
+        raise NlpkitError(f"ppo.eval_prompts: {held} held-out prompts leave none of the {len(records)} in "
+                          f"{rows.name} to train on; lower it or set data.eval")
+    train = records[held:]
+    if cfg.data.max_train_samples:
+        train = train[:cfg.data.max_train_samples]
+    return train, records[:held]
+
+
+def encode_prompts(tokenizer, prompts: list[str], device):
+    """Left-padded prompt ids [2]; a tokenizer with a chat template wraps each prompt as a user turn."""
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    else:
+        batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    return batch["input_ids"].to(device)
+
+
+def decode_responses(tokenizer, responses, ends, has_stop) -> list[str]:
+    """Response text up to (not including) its stop token."""
+    texts = []
+    for row, end, stopped in zip(responses.tolist(), ends.tolist(), has_stop.tolist()):
+        texts.append(tokenizer.decode(row[:end] if stopped else row[:end + 1], skip_special_tokens=True).strip())
+    return texts
+
+
+def log_samples(path: Path, update: int, batch: list[dict], rollout: dict, shown: int = 3) -> None:
+    """A few prompts and responses with their scores, to stderr and samples.jsonl."""
+    with path.open("a") as f:
+        for record, completion, score in list(zip(batch, rollout["completions"], rollout["scores"].tolist()))[:shown]:
+            f.write(json.dumps({"update": update, "prompt": record["prompt"], "response": completion,
+                                "score": score}) + "\n")
+            report.info(f"  [{update}] {score:+.2f}  {record['prompt'][:60]!r} -> {completion[:100]!r}")
+
+
+def autocast(bf16: bool, device):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+

@@ -1,0 +1,156 @@
+"""The PPO math, one test per checkable item of ../shared/PPO.md (item numbers in brackets).
+
+Pure functions on hand-made tensors here; the items that need a model (ratio = 1 at the first minibatch, reference
+unchanged, KL = 0 at step 0 with LoRA, dropout off) run the real loop in tests/test_rlhf.py.
+"""
+
+import pytest
+import torch
+
+from nlpkit.ppo import core
+
+EOS, PAD = 5, 0
+
+
+def test_end_indices_and_truncation_after_the_first_stop_token():  # [7, 8]
+    responses = torch.tensor([[7, 8, EOS, 9, EOS],   # stops at 2; what follows is garbage
+                              [7, 7, 7, 7, 7],       # no EOS: the last generated token ends it
+                              [EOS, 3, 3, 3, 3],     # stops at once
+                              [4, 9, 6, 2, EOS]])    # EOS at the very last slot
+    ends, has_stop = core.end_indices(responses, [EOS])
+    assert ends.tolist() == [2, 4, 0, 4]
+    assert has_stop.tolist() == [True, False, True, True]
+    post = core.truncate_after_stop(responses, [EOS], PAD)
+    assert post.tolist() == [[7, 8, EOS, PAD, PAD], [7, 7, 7, 7, 7], [EOS, PAD, PAD, PAD, PAD], [4, 9, 6, 2, EOS]]
+
+
+def test_any_configured_stop_token_counts_not_just_eos():  # [9]: TRL #3750
+    responses = torch.tensor([[1, 11, 2], [1, 2, 3]])
+    ends, has_stop = core.end_indices(responses, [EOS, 11])
+    assert ends.tolist() == [1, 2] and has_stop.tolist() == [True, False]
+
+
+def test_left_padding_masks_prompt_pads_and_keeps_positions():  # [2]
+    ids = torch.tensor([[PAD, PAD, 4, 6, 8, PAD],
+                        [3, 4, 6, 7, 9, 2]])
+    clean, mask, positions = core.left_padded_inputs(ids, PAD, response_start=4)
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]  # a sampled pad in the response stays visible
+    assert positions.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]  # first real token is position 0
+    assert clean[0, :2].tolist() == [0, 0] and clean[0, 2:5].tolist() == [4, 6, 8]
+
+
+def test_logprobs_use_the_sampling_temperature():  # [5]
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    tokens = torch.tensor([[0]])
+    at_t = core.logprobs_from_logits(logits, tokens, temperature=0.5)
+    expected = torch.log_softmax(logits / 0.5, -1)[0, 0, 0]
+    assert torch.allclose(at_t[0, 0], expected)
+    assert not torch.allclose(at_t, core.logprobs_from_logits(logits, tokens, temperature=1.0))
+
+
+def test_missing_eos_penalty_shifts_exactly_the_responses_without_eos():  # [9]
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    has_stop = torch.tensor([True, False, False])
+    assert core.apply_missing_eos_penalty(scores, has_stop, 1.5).tolist() == [0.5, -2.5, 0.5]
+    assert core.apply_missing_eos_penalty(scores, has_stop, None).tolist() == scores.tolist()
+
+
+def test_k1_is_the_log_ratio_and_k3_is_never_negative():  # [12]
+    torch.manual_seed(0)
+    logp, ref = torch.randn(64, 9) * 3, torch.randn(64, 9) * 3
+    assert torch.equal(core.kl_k1(logp, ref), logp - ref)
+    k3 = core.kl_k3(logp, ref)
+    assert (k3 >= 0).all()
+    assert torch.allclose(core.kl_k3(logp, logp), torch.zeros_like(logp))
+
+
+def test_score_sits_at_the_eos_with_the_kl_penalty():  # [13, 14]
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.4, 0.1, 0.2, 0.3]])
+    scores = torch.tensor([2.0, -1.0])
+    ends = torch.tensor([2, 3])
+    rewards = core.shaped_rewards(scores, kl, 0.05, ends)
+    for i in range(2):
+        assert rewards[i, ends[i]] == pytest.approx(scores[i].item() - 0.05 * kl[i, ends[i]].item())
+    assert rewards[0, 3] == 0.0  # past the end: nothing (TRL's quirk would put the score here)
+    assert rewards[0, 1] == pytest.approx(-0.05 * 0.2)
+
+
+def test_reward_is_read_at_the_last_real_token():  # [8]
+    per_token = torch.tensor([[0.1, 0.2, 0.9, 7.0], [0.3, 0.4, 0.5, 0.6]])  # 7.0 sits on a pad position
+    assert core.scores_at(per_token, torch.tensor([2, 3])).tolist() == pytest.approx([0.9, 0.6])
+
+
+def test_gae_against_a_hand_worked_three_token_example():  # [17]
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [1.0, 2.0, 7.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ends at token 1
+    advantages, returns = core.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Row 1: d2 = 2 - 1.5 = 0.5; d1 = 0 + 1.5 - 1 = 0.5, A1 = 0.5 + 0.5*0.5; d0 = 1 + 1 - 0.5 = 1.5, A0 = 1.5 + .5*.75
+    assert advantages[0].tolist() == pytest.approx([1.875, 0.75, 0.5])
+    assert returns[0].tolist() == pytest.approx([2.375, 1.75, 2.0])
+    # Row 2: V past the end is 0, so d1 = 2 + 0 - 1 = 1 (the 9.0 and 7.0 after the end are ignored)
+    assert advantages[1].tolist() == pytest.approx([2.0, 1.0, 0.0])
+    assert returns[1].tolist() == pytest.approx([2.5, 2.0, 0.0])
+
+
+def test_gae_with_gamma_below_one():  # [17]
+    advantages, _ = core.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 0.0]]), torch.ones(1, 2), 0.9, 1.0)
+    assert advantages[0].tolist() == pytest.approx([0.9, 1.0])
+
+
+def test_whitening_uses_only_valid_tokens_and_can_keep_the_mean():  # [16, 18]
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 6.0, -50.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]]).bool()
+    white = core.masked_whiten(values, mask)
+    assert core.masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert core.masked_var(white, mask).item() == pytest.approx(1.0, abs=1e-5)
+    kept = core.masked_whiten(values, mask, shift_mean=False)
+    assert core.masked_mean(kept, mask).item() == pytest.approx(3.5, abs=1e-5)  # the mean of 1..6 survives
+
+
+def test_policy_loss_clips_and_reports_fractions_in_range():  # [19, 27]
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.0, 0.5, -0.5], [0.1, -0.1, 2.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    loss, stats = core.policy_loss(new, old, adv, mask, cliprange=0.2)
+    ratio = new.exp()
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    assert loss.item() == pytest.approx(per_token[mask].mean().item())
+    # clipped term larger: token (0,1) ratio 1.65 with A>0 and (0,2) ratio 0.61 with A<0; (1,2) is masked
+    assert stats["clipfrac"].item() == pytest.approx(2 / 5)
+    assert 0 <= stats["clipfrac"] <= 1
+    _, same_stats = core.policy_loss(old, old, adv, mask, 0.2)
+    assert same_stats["ratio"].item() == 1.0 and same_stats["approxkl"].item() == 0.0
+    assert same_stats["clipfrac"].item() == 0.0
+
+
+def test_value_loss_takes_the_larger_of_clipped_and_unclipped():  # [20]
+    old_v = torch.tensor([[0.0, 0.0]])
+    new_v = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, 1.0]])
+    loss, stats = core.value_loss(new_v, old_v, returns, torch.ones(1, 2).bool(), cliprange_value=0.2)
+    # token 0: unclipped 0, clipped (0.2-1)^2 = 0.64 -> 0.64; token 1: both (0.1-1)^2 = 0.81
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_minibatches_are_a_fresh_permutation_per_epoch_and_must_divide():  # [21]
+    generator = torch.Generator().manual_seed(0)
+    first = core.minibatches(8, 2, generator)
+    second = core.minibatches(8, 2, generator)
+    assert [len(m) for m in first] == [4, 4]
+    assert sorted(torch.cat(first).tolist()) == list(range(8))
+    assert torch.cat(first).tolist() != torch.cat(second).tolist()
+    with pytest.raises(ValueError, match="not divisible"):
+        core.minibatches(10, 3, generator)
+
+
+def test_num_updates_rounds_up():  # [23]
+    assert core.num_updates(100, 16) == 7 and core.num_updates(96, 16) == 6
+
+
+def test_disable_dropout_zeroes_every_dropout():  # [3]
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    core.disable_dropout(model)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

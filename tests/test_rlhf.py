@@ -1,0 +1,258 @@
+"""nlpkit's PPO on PPO.md's offline toy: a tiny policy learns to say "positive" words for a reward model trained on
+synthetic preferences. Plus the checklist items that need a model (numbers in brackets)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import POSITIVE, write_toy_preferences, write_toy_prompts
+from helpers import nlpkit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Matrices of a 64-wide model are too small to split across threads: one thread is faster, and on shared cores
+    it avoids the oversubscription STACK.md measured (7x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_reward_model(tmp_path_factory, toy_llama):
+    """A reward model for positive words, trained with `nlpkit finetune` (stage: reward) on the toy vocabulary."""
+    tmp = tmp_path_factory.mktemp("toy-rm")
+    recipe = {
+        "stage": "reward",
+        "model": {"name": str(toy_llama)},
+        "data": {"train": str(write_toy_preferences(tmp / "train.jsonl", 1200, seed=1)),
+                 "eval": str(write_toy_preferences(tmp / "test.jsonl", 200, seed=2)), "max_length": 32},
+        "train": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 0,
+                  "logging_steps": 20, "save_strategy": "no", "bf16": False},
+    }
+    (tmp / "rm.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("finetune", tmp / "rm.yaml", "--output-dir", tmp / "rm", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["eval_pair_accuracy"] >= 0.85, result.json()
+    return tmp / "rm"
+
+
+def rlhf_recipe(tmp_path, policy, reward_model, lora=False, **ppo) -> str:
+    raw = {
+        "stage": "rlhf",
+        "model": {"name": str(policy)},
+        "data": {"train": str(write_toy_prompts(tmp_path / "prompts.jsonl", 300, seed=3)), "max_length": 16},
+        "reward": {"model": str(reward_model)},
+        "ppo": {"total_episodes": 480, "batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4,
+                "response_length": 12, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
+                "num_sample_generations": 3, "eval_prompts": 32, **ppo},
+        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0},
+    }
+    if lora:
+        raw["peft"] = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    path = tmp_path / "rlhf.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def read_log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, toy_reward_model):
+    run = tmp_path / "ppo"
+    result = nlpkit("rlhf", rlhf_recipe(tmp_path, toy_llama, toy_reward_model), "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(run)
+    assert len(log) == 30 and log[-1]["episode"] == 480  # [23] ceil(480 / 16) updates
+    scores = [entry["objective/scores"] for entry in log]
+    assert sum(scores[-5:]) / 5 >= sum(scores[:5]) / 5 + 1.0, scores  # PPO.md's suggested CI assertion
+    assert log[-1]["objective/kl"] > 0
+    # [22] the learning rate decays linearly, one step per update
+    assert [entry["lr"] for entry in log] == pytest.approx([3e-4 * (1 - k / 30) for k in range(1, 31)])
+    for entry in log:
+        assert entry["policy/approxkl_avg"] < 0.05
+        assert 0 <= entry["policy/clipfrac_avg"] <= 1 and 0 <= entry["val/clipfrac_avg"] <= 1  # [27]
+        assert entry["policy/first_minibatch_ratio_max_dev"] < 1e-3  # [5] ratio = 1 before the first step
+        # [9] the penalty shifts exactly the responses without EOS
+        missing = 16 - entry["val/num_eos_tokens"]
+        assert entry["objective/scores"] == pytest.approx(entry["objective/scores_without_penalty"] - missing / 16,
+                                                          abs=1e-5)
+    metrics = result.json()
+    for key in ("eval_score_before", "eval_score_after", "eval_score_gain", "objective/kl"):
+        assert key in metrics
+    assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_score_after"] - metrics["eval_score_before"])
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["update"] for s in samples} >= {1, 30}
+    late = " ".join(s["response"] for s in samples if s["update"] == 30).split()
+    assert sum(word in POSITIVE for word in late) / max(1, len(late)) > 0.3  # chance is 10 / 43 words
+    assert (run / "model.safetensors").is_file() and (run / "nlpkit_run.json").is_file()
+
+
+def test_lora_policy_starts_at_the_reference_and_saves_only_the_adapter(tmp_path, toy_llama, toy_reward_model):
+    run = tmp_path / "ppo-lora"
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=48, eval_prompts=0)
+    result = nlpkit("rlhf", recipe, "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(run)
+    assert log[0]["objective/kl"] == 0.0  # [26] LoRA B = 0: the policy IS the reference at step 0
+    assert log[-1]["objective/kl"] != 0.0  # and it moved after training
+    assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()  # [25] policy only
+
+
+def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_path, toy_llama, toy_reward_model):
+    """[3, 11, 25] with a full-weight policy and a separate frozen reference, through the loop's own functions."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nlpkit.config import load_recipe
+    from nlpkit.ppo import core
+    from nlpkit.stages import rlhf
+
+    cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model))
+    tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(toy_llama)
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
+    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    rm_weights = scorer.model.state_dict()
+    assert all(torch.equal(v, rm_weights[k]) for k, v in value.state_dict().items())  # [24] value starts as the RM
+    assert value is not scorer.model  # a separate network
+    for model in (policy, reference, value):
+        core.disable_dropout(model)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in policy.state_dict().items()}
+    value_before = {k: v.clone() for k, v in value.state_dict().items()}
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
+    rollout = rlhf.make_rollout(policy, reference, value, tokenizer, scorer, batch, cfg.ppo,
+                                [tokenizer.eos_token_id], False, torch.device("cpu"))
+    assert rollout["stats"]["objective/kl"] == 0.0  # identical weights: k1 is exactly 0 [12]
+    # values and log-probs hold their sentinels after the end [15]
+    assert (rollout["values"][rollout["pad_mask"]] == 0).all()
+    assert (rollout["logprobs"][rollout["pad_mask"]] == core.INVALID_LOGPROB).all()
+    assert (rollout["advantages"][rollout["pad_mask"]] == 0).all()
+    stats = rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0),
+                                  False)
+    assert stats["policy/first_minibatch_ratio_max_dev"] < 1e-3  # [5]
+    assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())  # [11] unchanged
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(not torch.equal(v, policy_before[k]) for k, v in policy.state_dict().items())  # every weight moved
+    assert all(not torch.equal(v, value_before[k]) for k, v in value.state_dict().items())
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))  # [3]
+
+
+def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
+    """reward.function without a reward model: the value model starts from the policy's base with a new head."""
+    module = tmp_path / "count_reward.py"
+    module.write_text(f"POSITIVE = set({POSITIVE!r})\n"
+                      "def positive_words(prompts, completions, **_):\n"
+                      "    return [float(sum(w in POSITIVE for w in c.split())) for c in completions]\n")
+    path = rlhf_recipe(tmp_path, toy_llama, None, total_episodes=32, eval_prompts=8)
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["reward"] = {"function": f"{module}:positive_words"}
+    (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("rlhf", tmp_path / "fn.yaml", "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(tmp_path / "run")
+    assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_algorithms_run_with_our_scoring_and_log_the_reward_every_step(algo, tmp_path, tiny_llama):
+    """algo grpo/rloo: trl's trainers, a LoRA policy loaded from its path, beta > 0, a reward function."""
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(f'{{"question": "What is {i} + 1?", "answer": "#### {i + 1}"}}\n' for i in range(8)))
+    recipe = {
+        "stage": "rlhf", "algo": algo,
+        "model": {"name": str(tiny_llama)},
+        "data": {"train": str(data)},
+        "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "grpo": {"num_generations": 4, "max_completion_length": 8, "beta": 0.04},
+        "train": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
+                  "bf16": False, "learning_rate": 1e-3},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("rlhf", tmp_path / "r.yaml", "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    steps = [entry for entry in read_log(tmp_path / "run") if "reward" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]  # the reward is logged every step
+    assert all(0.0 <= entry["reward"] <= 1.0 for entry in steps)  # exact match is 0 or 1
+    assert all("kl" in entry for entry in steps)  # beta > 0: a reference model and a KL term
+    assert (tmp_path / "run" / "adapter_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- rewards computed by code
+
+
+def test_gsm8k_exact_match_compares_the_number_after_the_marks():
+    from nlpkit.rewards import gsm8k_exact_match
+
+    answer = "She sells 16 - 3 - 4 = 9 eggs.\n#### 18"
+    completions = ["9 * 2 = 18\n#### 18", "#### 18.0", "The answer is 18", "#### 1,800", "#### 17"]
+    assert gsm8k_exact_match(["q"] * 5, completions, answer=[answer] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert gsm8k_exact_match(["q"], ["#### 1,000"], answer=["#### 1000"]) == [1.0]
+
+
+def test_unit_test_reward_runs_code_in_a_subprocess_with_a_timeout_and_no_network():
+    from nlpkit.rewards import unit_test_pass
+
+    tests = "assert add(2, 3) == 5"
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",  # passes
+        "def add(a, b):\n    return a - b",  # wrong
+        "def add(a, b):\n    while True: pass",  # hangs: killed by the timeout
+        # creating a socket needs no network, so only the sandbox can make it fail: add() is right only if it did
+        ("import socket\ntry:\n    socket.socket()\n    blocked = False\nexcept OSError:\n    blocked = True\n"
+         "def add(a, b):\n    return a + b if blocked else 0"),
+    ]
+    assert unit_test_pass(["p"] * 4, completions, tests=[tests] * 4, timeout=2.0) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_llama):
+    """The prompt rows' other columns reach reward functions as keywords (gsm8k's `answer`)."""
+    import torch
+
+    from nlpkit.config import validate_recipe
+    from nlpkit.stages import rlhf
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
+                           "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
+    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
+    records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
+    assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
+    assert scorer.score(records * 2, ["so #### 2", "#### 3"], [True, True]) == [1.0, 0.0]
+
+
+def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor():  # [4]
+    import torch
+
+    from nlpkit.config import PPOSection
+    from nlpkit.stages import rlhf
+
+    class Recorder:
+        def generate(self, input_ids, **kwargs):
+            self.kwargs = kwargs
+            return torch.cat([input_ids, torch.full((len(input_ids), 3), 7)], 1)  # stopped early: 3 of 5 tokens
+
+    class Tok:
+        pad_token_id = 0
+
+    policy = Recorder()
+    responses = rlhf.sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), PPOSection(response_length=5,
+                                                                                              temperature=0.7), [2])
+    assert responses.tolist() == [[7, 7, 7, 0, 0], [7, 7, 7, 0, 0]]  # padded to exactly response_length
+    kwargs = policy.kwargs
+    assert kwargs["do_sample"] is True and kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0
+    assert kwargs["temperature"] == 0.7 and kwargs["max_new_tokens"] == 5 and kwargs["repetition_penalty"] == 1.0
+    assert kwargs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]  # [2] left padding masked

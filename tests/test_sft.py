@@ -155,3 +155,31 @@ def test_completion_only_false_trains_on_everything_and_packing_runs(tmp_path, t
     packed = tmp_path / "packed"
     result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "train.packing=true", "--output-dir", packed)
     assert result.code == 0, result.stderr
+
+
+def test_exact_match_is_measured_before_and_after_on_gsm8k_style_answers(tmp_path, tiny_llama, monkeypatch):
+    from nlpkit.stages import sft
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, bf16, batch_size=16):
+        # The first call is the base model, the second the tuned one: 2 of 4 right, then 3 of 4.
+        right = 2 if not calls else 3
+        calls.append(len(prompts))
+        numbers = ("7", "12", "50", "15")  # math.jsonl's first answers, in file order (no max_eval_samples)
+        return [f"so #### {n}" if i < right else "#### 0" for i, n in enumerate(numbers)], [True] * len(prompts)
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
+    recipe = sft_recipe(tmp_path, tiny_llama, train="math.jsonl")
+    result = nlpkit("finetune", recipe, "generation.exact_match_prompts=4", "generation.eos_check_prompts=0",
+                    "data.max_length=128", "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    metrics = result.json()
+    assert (metrics["exact_match_base"], metrics["exact_match"], metrics["exact_match_prompts"]) == (0.5, 0.75, 4)
+    assert calls == [4, 4]
+
+
+def test_exact_match_needs_answers_with_a_final_number(tmp_path, tiny_llama):
+    result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "generation.exact_match_prompts=4",
+                    "--output-dir", tmp_path / "run")
+    assert result.code == 2 and "no eval answer ends in '#### <number>'" in result.stderr

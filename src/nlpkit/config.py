@@ -146,6 +146,9 @@ class QuantSection(Section):
 class GenerationSection(Section):
     max_new_tokens: int = Field(256, gt=0)  # end-of-run samples, `nlpkit chat`
     eos_check_prompts: int = Field(50, ge=0)  # held prompts generated after sft to measure the EOS stop rate
+    # sft on answers ending in "#### <number>" (GSM8K): held questions answered before and after training, scored
+    # by exact match of that number (metrics exact_match_base, exact_match). 0 = off.
+    exact_match_prompts: int = Field(0, ge=0)
 
 
 class RewardSection(Section):

@@ -19,9 +19,17 @@ from pathlib import Path
 from nlpkit import report, training
 from nlpkit.adapters import apply_peft, load_adapter_run
 from nlpkit.config import ModelSection, Recipe, validate_recipe
-from nlpkit.data import Rows, default_eval_source, detect_sft_format, open_source, sft_example, subsample
+from nlpkit.data import (
+    Rows,
+    default_eval_source,
+    detect_sft_format,
+    open_source,
+    sft_example,
+    subsample,
+)
 from nlpkit.errors import NlpkitError
 from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.rewards import final_number, gsm8k_exact_match
 
 MODEL_CLASS = "AutoModelForCausalLM"
 SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
@@ -59,13 +67,21 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     )
     check_trained_tokens(trainer.train_dataset, len(train_set), train_rows.name, cfg.data.max_length)
 
-    metrics = training.fit(trainer, cfg, checkpoint)
+    metrics = {}
+    exact_match_rows = cfg.generation.exact_match_prompts
+    if exact_match_rows and eval_set is not None and report.is_main_process():  # before training: the base model
+        metrics["exact_match_base"] = exact_match(model, tokenizer, eval_set, exact_match_rows, cfg, bf16)
+    metrics |= training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:  # step 0: LoRA starts with B = 0, so the model was still the base model
         metrics["eval_loss_base"] = next(e["eval_loss"] for e in trainer.state.log_history
                                          if "eval_loss" in e and e["step"] == 0)
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         prompts = [row["prompt"] for row in eval_set.select(range(min(len(eval_set), cfg.generation.eos_check_prompts)))
                    if "prompt" in row]
+        if "exact_match_base" in metrics:
+            metrics["exact_match"] = exact_match(trainer.model, tokenizer, eval_set, exact_match_rows, cfg, bf16)
+            metrics["exact_match_prompts"] = min(len(eval_set), exact_match_rows)
+            report.info(f"exact match {metrics['exact_match_base']:.3f} -> {metrics['exact_match']:.3f}")
         if prompts and report.is_main_process():  # generation is not sharded: one process measures it
             answers, stopped = generate(trainer.model, tokenizer, prompts, cfg.generation.max_new_tokens, bf16)
             metrics["eos_stop_rate"] = sum(stopped) / len(stopped)
@@ -220,6 +236,18 @@ def sft_config(cfg: Recipe | None, output_dir: Path, *, bf16: bool, has_eval: bo
     return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
                      max_length=cfg.data.max_length, completion_only_loss=cfg.train.completion_only,
                      packing=cfg.train.packing)
+
+
+def exact_match(model, tokenizer, eval_set, count: int, cfg: Recipe, bf16: bool) -> float:
+    """Share of the first `count` eval questions answered with the reference's number after `####` (GSM8K)."""
+    rows = eval_set.select(range(min(len(eval_set), count)))
+    references = [row["completion"][-1]["content"] if row.get("completion") else "" for row in rows]
+    if not any(final_number(reference) for reference in references):
+        raise NlpkitError(f"generation.exact_match_prompts: no eval answer ends in '#### <number>' (GSM8K style); "
+                          f"set generation.exact_match_prompts=0 for data.eval {cfg.data.eval or cfg.data.train}")
+    answers, _ = generate(model, tokenizer, [row["prompt"] for row in rows], cfg.generation.max_new_tokens, bf16)
+    scores = gsm8k_exact_match([], answers, answer=references)
+    return sum(scores) / len(scores)
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, bf16: bool, batch_size: int = 16):

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from test_classify import CASES, make_recipe
+from test_reward import reward_recipe
 from test_sft import sft_recipe
 
 # fp32 and no dropout: then one process and two differ only in the order of float sums (about 1e-7), and
@@ -35,13 +37,16 @@ def bert_without_dropout(tiny_bert, tmp_path_factory) -> Path:
 
 def recipe_for(stage, tmp_path, model) -> str:
     if stage == "classify":
-        data = {**CASES["multiclass"][0], "max_train_samples": 32}  # 32 rows: every global batch of 16 is full
-        recipe = make_recipe(tmp_path, model, data, global_batch_size=16, **SAME_ARITHMETIC)
+        recipe, rows, global_batch = make_recipe(tmp_path, model, CASES["multiclass"][0]), 32, 16
+    elif stage == "reward":
+        recipe, rows, global_batch = reward_recipe(tmp_path, model), 64, 16
     else:
-        recipe = sft_recipe(tmp_path, model, global_batch_size=10, **SAME_ARITHMETIC)  # the 10 rows, each step
-    raw = Path(recipe).read_text().replace("  per_device_train_batch_size: 8\n", "").replace(
-        "  per_device_train_batch_size: 4\n", "")  # the global batch decides the per-device one
-    Path(recipe).write_text(raw)
+        recipe, rows, global_batch = sft_recipe(tmp_path, model), 10, 10  # the fixture's 10 rows each step
+    raw = yaml.safe_load(Path(recipe).read_text())
+    raw["data"]["max_train_samples"] = rows  # a multiple of the global batch: every step's batch is full
+    raw["train"].pop("per_device_train_batch_size")  # the global batch decides the per-device one
+    raw["train"] |= {"global_batch_size": global_batch, **SAME_ARITHMETIC}
+    Path(recipe).write_text(yaml.safe_dump(raw))
     return recipe
 
 
@@ -57,14 +62,18 @@ def step_losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-@pytest.mark.parametrize("stage", ["classify", "sft"])
+MODELS = {"classify": "bert_without_dropout", "sft": "tiny_llama", "reward": "toy_llama"}
+PER_PROCESS = {"classify": 8, "sft": 5, "reward": 8}  # with 2 processes; 1 process takes twice as many
+
+
+@pytest.mark.parametrize("stage", MODELS)
 def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, request):
-    model = request.getfixturevalue("bert_without_dropout" if stage == "classify" else "tiny_llama")
+    model = request.getfixturevalue(MODELS[stage])
     recipe = recipe_for(stage, tmp_path, model)
     one, two = finetune(recipe, tmp_path / "one"), finetune(recipe, tmp_path / "two", "--num-processes", "2")
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    per_process = 8 if stage == "classify" else 5
+    per_process = PER_PROCESS[stage]
     assert f"{2 * per_process} per process x 1 process(es)" in one.stderr
     assert f"{per_process} per process x 2 process(es)" in two.stderr
 

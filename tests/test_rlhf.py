@@ -256,3 +256,61 @@ def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor(
     assert kwargs["do_sample"] is True and kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0
     assert kwargs["temperature"] == 0.7 and kwargs["max_new_tokens"] == 5 and kwargs["repetition_penalty"] == 1.0
     assert kwargs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]  # [2] left padding masked
+
+
+def rlhf_process(recipe, out: Path, *flags):
+    """`nlpkit rlhf` in a process of its own (one thread, output to files beside `out`), so it can be killed."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "nlpkit", "rlhf", recipe, "--output-dir", str(out), "--json", *flags]
+    stdout, stderr = (open(out.with_suffix(suffix), "a") for suffix in (".out", ".err"))
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=stdout, stderr=stderr)
+
+
+def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, toy_llama, toy_reward_model):
+    import random
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=160, eval_prompts=8)
+    raw = yaml.safe_load(Path(recipe).read_text())
+    raw["train"] |= {"save_strategy": "steps", "save_steps": 2}
+    Path(recipe).write_text(yaml.safe_dump(raw))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert rlhf_process(recipe, reference).wait() == 0, reference.with_suffix(".err").read_text()
+
+    process = rlhf_process(recipe, killed)
+    kill_at = random.Random().randint(3, 8)  # updates; the first checkpoint is written after update 2
+    while not (killed / "train_log.jsonl").is_file() or len(read_log(killed)) < kill_at:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "nlpkit_run.json").exists()
+
+    assert rlhf_process(recipe, killed, "--resume").wait() == 0, killed.with_suffix(".err").read_text()
+    assert "resuming from" in killed.with_suffix(".err").read_text()
+    expected, got = (json.loads((run / "metrics.json").read_text()) for run in (reference, killed))
+    assert got["episodes"] == expected["episodes"] == 160  # the episode count continued, not restarted
+    for key in ("eval_score_before", "eval_score_after", "objective/kl", "objective/scores"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-3), key
+    assert [e["step"] for e in read_log(killed)] == list(range(1, 11))  # every update once
+    before, after = (load_file(run / "adapter_model.safetensors") for run in (reference, killed))
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-5
+    assert not list((killed / "checkpoints").glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+def test_ppo_watchdog_stops_a_collapsed_policy_with_exit_3(tmp_path, toy_llama, toy_reward_model):
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=48, eval_prompts=0,
+                         min_entropy=50.0)  # no 43-word policy has 50 nats of entropy: it trips at update 1
+    stopped = nlpkit("rlhf", recipe, "--output-dir", tmp_path / "stop")
+    assert stopped.code == 3, stopped.stderr
+    line = [x for x in stopped.stderr.splitlines() if x.startswith("error:")][0]
+    assert "policy entropy is" in line and "at update 1, below ppo.min_entropy=50.0" in line
+    assert "no checkpoint was saved" in line and not (tmp_path / "stop" / "nlpkit_run.json").exists()
+    warned = nlpkit("rlhf", recipe, "train.watchdog=warn", "--output-dir", tmp_path / "warn")
+    assert warned.code == 0 and "warning: policy entropy is" in warned.stderr

@@ -76,85 +76,94 @@ def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], Non
         show(result)
 
 
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last complete "
+                                         "checkpoint (same recipe).")]
+ProcessesOpt = Annotated[Optional[int], typer.Option("--num-processes", help="Train in N processes (one per GPU) "
+                                                     "through accelerate.")]
+DistributedOpt = Annotated[Optional[str], typer.Option("--distributed", help="With --num-processes: ddp (default), "
+                                                       "zero2, zero3 (DeepSpeed) or fsdp.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")]
+
+
 @app.command()
 def finetune(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.max_steps=50")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")] = False,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last complete "
-                                         "checkpoint (same recipe).")] = False,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.pt weights (pickle can run code): "
                                                "model.allow_pickle=true.")] = False,
-    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Train in N processes (one per GPU) "
-                                                         "through accelerate.")] = None,
-    distributed: Annotated[Optional[str], typer.Option("--distributed", help="With --num-processes: ddp (default), "
-                                                       "zero2, zero3 (DeepSpeed) or fsdp.")] = None,
+    num_processes: ProcessesOpt = None,
+    distributed: DistributedOpt = None,
     as_json: JsonOpt = False,
 ):
     """Fine-tune a model as the recipe's `stage:` says, and write a run directory.
 
     Exit codes: 0 done; 2 bad input; 3 the watchdog stopped training (NaN/inf gradients, loss stuck at 0); 1 a bug."""
-    from nlpkit import launch
-
     sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
     sugar += ["model.allow_pickle=true"] if allow_pickle else []
-    out = output_dir or Path("runs") / recipe.stem
-
-    if (num_processes is not None or distributed) and not launch.in_launched_process():
-        processes = 1 if num_processes is None else num_processes
-
-        def check_then_claim():  # bad input answers here, once, before any process starts
-            from nlpkit.config import load_recipe
-
-            if distributed is not None and distributed not in launch.DISTRIBUTED:
-                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launch.DISTRIBUTED)}")
-            launch.check(processes, distributed)
-            load_recipe(recipe, sugar + (overrides or [])).train.per_device_batch(processes)
-            if not resume:
-                _claim_output_dir(out)
-            return {}
-
-        _execute(check_then_claim, as_json=False)
-        argv = ["finetune", str(recipe), *sugar, *(overrides or []), "--output-dir", str(out)]
-        argv += ["--resume"] * resume + ["--json"] * as_json
-        raise typer.Exit(launch.relaunch(argv, processes, distributed))
-
-    def work():
-        from nlpkit.config import load_recipe
-        from nlpkit.report import is_main_process
-
-        cfg = load_recipe(recipe, sugar + (overrides or []))
-        if not resume and is_main_process():  # launched processes: the launcher claimed it already
-            _claim_output_dir(out)
-        stage = importlib.import_module(STAGES[cfg.stage])
-        metrics = stage.run(cfg, out, resume=resume)
-        return {"output_dir": str(out), **metrics}
-
-    _execute(work, as_json, show=_show_run)
+    _train("finetune", recipe, sugar + (overrides or []), output_dir, resume, num_processes, distributed, as_json)
 
 
 @app.command()
 def rlhf(
     recipe: Annotated[Path, typer.Argument(help="An rlhf recipe (stage: rlhf), e.g. recipes/rlhf-hh-ppo.yaml.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. ppo.kl_coef=0.1")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")] = None,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    distributed: DistributedOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Train a policy against a reward model and/or reward functions with nlpkit's own PPO."""
+    """Train a policy against a reward model and/or reward functions with nlpkit's own PPO (or trl's GRPO/RLOO).
 
-    def work():
+    Exit codes: 0 done; 2 bad input; 3 the watchdog stopped training (NaN, runaway KL, collapsed entropy); 1 a bug."""
+    _train("rlhf", recipe, overrides or [], output_dir, resume, num_processes, distributed, as_json)
+
+
+def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | None, resume: bool,
+           num_processes: int | None, distributed: str | None, as_json: bool) -> None:
+    """finetune and rlhf: load the recipe, claim the output directory, run its stage, here or in N processes."""
+    from nlpkit import launch
+
+    out = output_dir or Path("runs") / recipe.stem
+
+    def load():
         from nlpkit.config import load_recipe
-        from nlpkit.stages import rlhf as rlhf_stage
 
-        cfg = load_recipe(recipe, overrides or [])
-        if cfg.stage != "rlhf":
+        cfg = load_recipe(recipe, overrides)
+        if command == "rlhf" and cfg.stage != "rlhf":
             raise NlpkitError(f"recipe {recipe}: stage is {cfg.stage!r}; `nlpkit rlhf` runs stage: rlhf recipes "
                               f"(use `nlpkit finetune {recipe}`)")
-        out = output_dir or Path("runs") / recipe.stem
-        _claim_output_dir(out)
-        return {"output_dir": str(out), **rlhf_stage.run(cfg, out)}
+        return cfg
+
+    if (num_processes is not None or distributed) and not launch.in_launched_process():
+        processes = 1 if num_processes is None else num_processes
+
+        def check_then_claim():  # bad input answers here, once, before any process starts
+            if distributed is not None and distributed not in launch.DISTRIBUTED:
+                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launch.DISTRIBUTED)}")
+            launch.check(processes, distributed)
+            load().train.per_device_batch(processes)
+            if not resume:
+                _claim_output_dir(out)
+            return {}
+
+        _execute(check_then_claim, as_json=False)
+        argv = [command, str(recipe), *overrides, "--output-dir", str(out)]
+        argv += ["--resume"] * resume + ["--json"] * as_json
+        raise typer.Exit(launch.relaunch(argv, processes, distributed))
+
+    def work():
+        from nlpkit.report import is_main_process
+
+        cfg = load()
+        if not resume and is_main_process():  # launched processes: the launcher claimed it already
+            _claim_output_dir(out)
+        stage = importlib.import_module(STAGES[cfg.stage])
+        return {"output_dir": str(out), **stage.run(cfg, out, resume=resume)}
 
     _execute(work, as_json, show=_show_run)
 

@@ -189,6 +189,10 @@ class PPOSection(Section):
     value_model: str | None = None  # default: the reward model (reward.model), else the policy base with a new head
     num_sample_generations: int = Field(10, ge=0)  # times a table of prompts and responses is logged over the run
     eval_prompts: int = Field(0, ge=0)  # held-out prompts scored greedily before and after training (0 = skip)
+    # The watchdog (train.watchdog: stop or warn): a KL to the reference above max_kl nats per response, or a mean
+    # per-token policy entropy below min_entropy, means the policy ran away or collapsed. null turns a check off.
+    max_kl: float | None = Field(30.0, gt=0)
+    min_entropy: float | None = Field(0.01, ge=0)
 
 
 class GRPOSection(Section):

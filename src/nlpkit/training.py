@@ -33,13 +33,16 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return output_dir / "checkpoints"  # TrainSection.trainer_kwargs points Trainer's output_dir here
 
 
-def fit(trainer, cfg, checkpoint: Path | None) -> dict:
+def fit(trainer, cfg, checkpoint: Path | None, supervised: bool = True) -> dict:
     """trainer.train() with committed checkpoints and the watchdog, from `checkpoint` (see resume_point) if given.
+
+    supervised=False (GRPO, RLOO): a loss of exactly 0 is normal there (a group whose completions all score alike
+    has zero advantage), so it says nothing about masked labels.
 
     Returns train_loss over the whole run (Trainer's own covers only the steps since the resume) and throughput.
     """
     trainer.add_callback(commit_callback(cfg))
-    trainer.add_callback(watchdog_callback(cfg.train.watchdog))
+    trainer.add_callback(watchdog_callback(cfg.train.watchdog, zero_loss_is_masked=supervised))
     trainer.add_callback(epoch_seed_callback(cfg.train.seed))
     start_step = json.loads((checkpoint / MARKER).read_text())["step"] if checkpoint else 0
     args = trainer.args
@@ -84,9 +87,20 @@ def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
         for partial in checkpoints_dir(output_dir).glob("checkpoint-*"):
             if not (partial / MARKER).is_file():  # written when the run was killed: never loadable, never picked
                 shutil.rmtree(partial, ignore_errors=True)
-        _truncate_log(output_dir / "train_log.jsonl", step)
+        truncate_log(output_dir / "train_log.jsonl", step)
     report.info(f"resuming from {latest} (step {step})")
     return latest
+
+
+def write_marker(folder: Path, cfg, step: int) -> None:
+    """Commit a checkpoint folder: the marker, written last and atomically, says everything else is there."""
+    report.write_json(folder / MARKER, {"step": step, "config": report.redact(cfg.model_dump(mode="json"))})
+
+
+def rotate(checkpoints: Path, keep: int | None) -> None:
+    """Only once a newer checkpoint is committed may old ones go (train.save_total_limit)."""
+    for old in committed(checkpoints)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def committed(checkpoints: Path) -> list[Path]:
@@ -103,10 +117,10 @@ def _diff(old, new, prefix: str = "") -> list[str]:
     return [k for key in keys for k in _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int, key: str = "step") -> None:
     """Drop log lines written after the checkpoint: the resumed run writes them again."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)[key] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -132,13 +146,8 @@ def commit_callback(cfg):
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every process has written its part (its RNG state) before the checkpoint counts
             if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                config = report.redact(cfg.model_dump(mode="json"))
-                report.write_json(folder / MARKER, {"step": state.global_step, "config": config})
-                # Only now, with a newer checkpoint committed, may old ones go (train.save_total_limit).
-                keep = cfg.train.save_total_limit
-                for old in committed(Path(args.output_dir))[:-keep] if keep else []:
-                    shutil.rmtree(old, ignore_errors=True)
+                write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, state.global_step)
+                rotate(Path(args.output_dir), cfg.train.save_total_limit)
 
     return CommitCheckpoint()
 
@@ -171,7 +180,7 @@ def epoch_seed_callback(seed: int):
     return EpochSeed()
 
 
-def watchdog_callback(mode: str):
+def watchdog_callback(mode: str, zero_loss_is_masked: bool = True):
     import torch
     from transformers import TrainerCallback
 
@@ -198,7 +207,7 @@ def watchdog_callback(mode: str):
             if not math.isfinite(loss):
                 trip(f"training loss is {loss} at step {state.global_step}; lower train.learning_rate or check "
                      f"the data; {last_checkpoint(args.output_dir)}")
-            self.zero_logs = self.zero_logs + 1 if loss == 0.0 else 0
+            self.zero_logs = self.zero_logs + 1 if loss == 0.0 and zero_loss_is_masked else 0
             if self.zero_logs == ZERO_LOSS_LOGS:
                 trip(f"training loss has been exactly 0 for {ZERO_LOSS_LOGS} logs (step {state.global_step}): no "
                      "label is trained on. Check the label column, or for sft train.completion_only and "

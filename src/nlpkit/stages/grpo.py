@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nlpkit import report
+from nlpkit import report, training
 from nlpkit.adapters import peft_config
 from nlpkit.config import GRPOSection, Recipe
 from nlpkit.data import open_source
@@ -23,13 +23,14 @@ from nlpkit.stages.reward import distinct_pad
 from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records, stop_token_ids
 
 
-def run(cfg: Recipe, output_dir: Path) -> dict:
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import datasets
     import torch
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
     grpo = cfg.grpo or GRPOSection()
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
@@ -66,11 +67,10 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
         peft_config=peft_config(cfg.peft, "CAUSAL_LM") if cfg.peft is not None else None,
         callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
     )
-    result = trainer.train()
+    metrics = training.fit(trainer, cfg, checkpoint, supervised=False)
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
-    metrics = {"train_loss": result.training_loss, **report.throughput(result.metrics),
-               "reward_first_step": history[0]["reward"] if history else None,
-               "reward_last_step": history[-1]["reward"] if history else None, "logged_steps": len(history)}
+    metrics |= {"reward_first_step": history[0]["reward"] if history else None,
+                "reward_last_step": history[-1]["reward"] if history else None, "logged_steps": len(history)}
     trainer.save_model(str(output_dir))  # the adapter (with LoRA) or the policy, and the tokenizer
     task = {"algo": cfg.algo, "bf16": bf16, "labels": None, "train_prompts": len(records)}
     report.write_run(output_dir, cfg, metrics, task=task, datasets=[rows], started=started)

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
-from nlpkit import report
+from nlpkit import report, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import Rows, open_source
-from nlpkit.errors import NlpkitError
+from nlpkit.errors import NlpkitError, TrainingStopped
 from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
 from nlpkit.ppo import core
 from nlpkit.rewards import call_reward_function, load_reward_function
@@ -37,15 +40,16 @@ SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for stayin
 PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
 
 
-def run(cfg: Recipe, output_dir: Path) -> dict:
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
     if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
         from nlpkit.stages import grpo
 
-        return grpo.run(cfg, output_dir)
+        return grpo.run(cfg, output_dir, resume)
     started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
     ppo = cfg.ppo or PPOSection()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,9 +101,14 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     order = random.Random(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     sample_every = max(1, updates // ppo.num_sample_generations) if ppo.num_sample_generations else 0
-    loop_started, episode, stats = time.time(), 0, {}
-    pool = []
-    for update in range(1, updates + 1):
+    loop_started, episode, stats, pool, first_update = time.time(), 0, {}, [], 1
+    loop = {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scheduler": scheduler,
+            "order": order, "generator": generator}
+    if checkpoint is not None:  # everything the next update depends on, as the killed run left it
+        first_update, episode, pool = load_checkpoint(checkpoint, **loop)
+        training.truncate_log(samples_path, first_update - 1, key="update")
+    save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
+    for update in range(first_update, updates + 1):
         while len(pool) < ppo.batch_size:  # walk the prompts in a fresh seeded order each pass
             pool += order.sample(train_prompts, len(train_prompts))
         batch, pool = pool[:ppo.batch_size], pool[ppo.batch_size:]
@@ -110,13 +119,16 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
         episode += ppo.batch_size
         stats |= rollout["stats"] | {"lr": scheduler.get_last_lr()[0], "episode": episode,
                                      "eps": episode / (time.time() - loop_started)}
+        check_health(stats, ppo, cfg.train.watchdog, update, output_dir)
         with log_path.open("a") as f:
-            f.write(json.dumps({"update": update, **stats}) + "\n")
+            f.write(json.dumps({"step": update, **stats}) + "\n")
         report.info(f"update {update}/{updates}  score {stats['objective/scores']:+.3f}  kl "
                     f"{stats['objective/kl']:.3f}  approxkl {stats['policy/approxkl_avg']:.4f}  clipfrac "
                     f"{stats['policy/clipfrac_avg']:.3f}  eos {stats['val/num_eos_tokens']}/{ppo.batch_size}")
         if sample_every and (update % sample_every == 0 or update == 1):
             log_samples(samples_path, update, batch, rollout)
+        if save_every and update % save_every == 0 and update < updates:
+            save_checkpoint(output_dir, cfg, update, episode, pool, **loop)
 
     # ------------------------------------------------------------------ save the policy only [25], evaluate
     metrics |= {key: stats[key] for key in ("objective/kl", "objective/scores", "objective/rlhf_reward",
@@ -278,6 +290,76 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
     stats = {key: value / count for key, value in sums.items()}
     stats["policy/first_minibatch_ratio_max_dev"] = first_ratio_dev
     return stats
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(output_dir: Path, cfg: Recipe, update: int, episode: int, pool: list[dict], *, policy,
+                    value_model, optimizer, scheduler, order, generator) -> None:
+    """Everything the next update depends on, written to a temporary folder and renamed: a checkpoint appears whole
+    or not at all. The policy part is its trainable parameters (the adapter with LoRA); the KL coefficient is fixed
+    by the recipe, which --resume checks is unchanged."""
+    import torch
+
+    folder = training.checkpoints_dir(output_dir) / f"checkpoint-{update}"
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    state = {"policy": {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
+             "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "order": order.getstate(), "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(), "episode": episode, "pool": pool}
+    torch.save(state, staging / "ppo_state.pt")
+    training.write_marker(staging, cfg, update)
+    os.replace(staging, folder)
+    training.rotate(training.checkpoints_dir(output_dir), cfg.train.save_total_limit)
+
+
+def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, order, generator):
+    """Restore a save_checkpoint folder; returns the next update, the episode count and the prompt pool."""
+    import torch
+
+    state = torch.load(folder / "ppo_state.pt", weights_only=True)
+    unexpected = policy.load_state_dict(state["policy"], strict=False).unexpected_keys
+    if unexpected:
+        raise NlpkitError(f"--resume: {folder} holds policy weights this recipe's policy lacks ({unexpected[0]}, ...)")
+    value_model.load_state_dict(state["value_model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    order.setstate(_as_tuples(state["order"]))
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    update = json.loads((folder / training.MARKER).read_text())["step"]
+    return update + 1, state["episode"], state["pool"]
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_health(stats: dict, ppo: PPOSection, mode: str, update: int, output_dir: Path) -> None:
+    """The watchdog of our loop: a non-finite loss or KL, a runaway KL, or a collapsed entropy stop the run (exit 3)
+    before it is logged or checkpointed, so the last checkpoint is the last good state; `train.watchdog: warn` only
+    warns."""
+    last = training.last_checkpoint(str(training.checkpoints_dir(output_dir)))
+    problem = None
+    broken = [key for key in ("loss/policy_avg", "loss/value_avg", "objective/kl") if not math.isfinite(stats[key])]
+    if broken:
+        problem = (f"{broken[0]} is {stats[broken[0]]} at update {update}; lower train.learning_rate, or check the "
+                   "reward for NaN/inf scores")
+    elif ppo.max_kl is not None and stats["objective/kl"] > ppo.max_kl:
+        problem = (f"objective/kl is {stats['objective/kl']:.1f} nats at update {update}, above ppo.max_kl="
+                   f"{ppo.max_kl}: the policy is running away from the reference; raise ppo.kl_coef or lower "
+                   "train.learning_rate")
+    elif ppo.min_entropy is not None and stats["policy/entropy_avg"] < ppo.min_entropy:
+        problem = (f"policy entropy is {stats['policy/entropy_avg']:.4f} nats per token at update {update}, below "
+                   f"ppo.min_entropy={ppo.min_entropy}: the policy collapsed onto a few tokens; lower "
+                   "train.learning_rate or raise ppo.kl_coef")
+    if problem and mode == "stop":
+        raise TrainingStopped(f"{problem}; {last}")
+    if problem:
+        report.warn(problem)
 
 
 # ---------------------------------------------------------------------------------------------- scoring

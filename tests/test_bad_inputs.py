@@ -187,6 +187,11 @@ CASES = {
     "reward extra key checked against RewardConfig": (
         lambda t, m: ["finetune", recipe(t, m, stage="reward"), "train.extra.center_rewards_coeff=0.01"],
         "not a RewardConfig field; did you mean 'center_rewards_coefficient'?"),
+    "ppo batch that does not split over processes": (
+        lambda t, m: ["rlhf", write(t, "r.yaml", f"stage: rlhf\nmodel: {{name: {m}}}\ndata: {{train: "
+                                    f"{FIXTURES / 'topics.jsonl'}}}\nreward: {{function: [nlpkit.rewards:gsm8k_exact_match]}}\n"
+                                    "ppo: {batch_size: 16, num_mini_batches: 2}\n"), "--num-processes", "3"],
+        "ppo.batch_size 16: must split into 3 process(es) x ppo.num_mini_batches=2 equal minibatches; use a multiple of 6"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }

@@ -154,3 +154,40 @@ def test_disable_dropout_zeroes_every_dropout():  # [3]
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
     core.disable_dropout(model)
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+
+def test_whitening_over_processes_equals_whitening_the_whole_batch():
+    """[16, 18] with all_sum, each process's half is whitened with the statistics of the whole batch. Two threads
+    stand in for two processes; all_sum is an all-reduce between them."""
+    import threading
+
+    values, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3
+    halves = [(values[:3], mask[:3]), (values[3:], mask[3:])]
+    slots, barrier, results = [None, None], threading.Barrier(2), [None, None]
+
+    def worker(rank):
+        def all_sum(tensor):
+            slots[rank] = tensor
+            barrier.wait()  # both contributions are in
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read them before either writes the next
+            return total
+
+        results[rank] = core.masked_whiten(*halves[rank], all_sum=all_sum)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    whole = core.masked_whiten(values, mask)
+    assert torch.allclose(torch.cat(results)[mask], whole[mask], atol=1e-5)
+    assert not torch.allclose(core.masked_whiten(*halves[0])[mask[:3]], whole[:3][mask[:3]], atol=1e-3)
+
+
+def test_statistics_of_processes_combine_into_the_whole_batch():
+    per_process = [{"objective/scores": 1.0, "val/num_eos_tokens": 3, "policy/first_minibatch_ratio_max_dev": 1e-6},
+                   {"objective/scores": 3.0, "val/num_eos_tokens": 5, "policy/first_minibatch_ratio_max_dev": 4e-6}]
+    assert core.combine_process_stats(per_process) == {
+        "objective/scores": 2.0, "val/num_eos_tokens": 8, "policy/first_minibatch_ratio_max_dev": 4e-6}

@@ -314,3 +314,25 @@ def test_ppo_watchdog_stops_a_collapsed_policy_with_exit_3(tmp_path, toy_llama, 
     assert "no checkpoint was saved" in line and not (tmp_path / "stop" / "nlpkit_run.json").exists()
     warned = nlpkit("rlhf", recipe, "train.watchdog=warn", "--output-dir", tmp_path / "warn")
     assert warned.code == 0 and "warning: policy entropy is" in warned.stderr
+
+
+def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, toy_reward_model):
+    """Each process rolls out half of every update; the logged objective/scores and objective/kl are the means over
+    all 16 episodes, which samples.jsonl lists (every episode of the sampled updates, from both processes)."""
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=64, eval_prompts=8,
+                         num_sample_generations=4)
+    run = tmp_path / "ppo-2"
+    process = rlhf_process(recipe, run, "--num-processes", "2")
+    assert process.wait() == 0, run.with_suffix(".err").read_text()
+    log = read_log(run)
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and log[-1]["episode"] == 64  # 16 episodes per update
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for entry in log:
+        rows = [s for s in samples if s["update"] == entry["step"]]
+        assert len(rows) == 16
+        assert entry["objective/scores"] == pytest.approx(sum(r["score"] for r in rows) / 16, abs=1e-5)
+        assert entry["objective/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 16, abs=1e-5)
+    assert log[-1]["objective/kl"] > 0  # the policy moved
+    stderr = run.with_suffix(".err").read_text()
+    assert stderr.count("update 1/4 ") == 1 and "eos" in stderr  # one process talks
+    assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())

@@ -146,7 +146,10 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
             if distributed is not None and distributed not in launch.DISTRIBUTED:
                 raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launch.DISTRIBUTED)}")
             launch.check(processes, distributed)
-            load().train.per_device_batch(processes)
+            cfg = load()
+            cfg.train.per_device_batch(processes)
+            if cfg.stage == "rlhf" and cfg.algo == "ppo" and cfg.ppo is not None:
+                cfg.ppo.episodes_per_process(processes)
             if not resume:
                 _claim_output_dir(out)
             return {}

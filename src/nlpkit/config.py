@@ -194,6 +194,15 @@ class PPOSection(Section):
     max_kl: float | None = Field(30.0, gt=0)
     min_entropy: float | None = Field(0.01, ge=0)
 
+    def episodes_per_process(self, processes: int) -> int:
+        """batch_size is an update's episodes over all processes, so a recipe trains the same on 1 or N."""
+        per_process = self.batch_size // processes
+        if self.batch_size % processes or per_process % self.num_mini_batches:
+            raise NlpkitError(f"ppo.batch_size {self.batch_size}: must split into {processes} process(es) x "
+                              f"ppo.num_mini_batches={self.num_mini_batches} equal minibatches; use a multiple of "
+                              f"{processes * self.num_mini_batches}")
+        return per_process
+
 
 class GRPOSection(Section):
     # algo grpo / rloo (trl's GRPOTrainer / RLOOTrainer); names copy GRPOConfig. Steps and batch come from train:

@@ -149,10 +149,20 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return centered * count / (count - 1) if count > 1 else centered
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
     """Scale to unit variance over the valid tokens; shift_mean=False keeps the mean (for rewards: a constant
-    reward shift would otherwise vanish and change what the value model learns) [16, 18]."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    reward shift would otherwise vanish and change what the value model learns) [16, 18].
+
+    all_sum sums a tensor over processes (an all-reduce); with it the mean and variance are those of the whole batch
+    across processes, as one process holding all of it would compute. Without it: this process's batch."""
+    if all_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        weights = mask.to(values.dtype)
+        count = all_sum(weights.sum())
+        mean = all_sum((values * weights).sum()) / count
+        var = all_sum((((values - mean) ** 2) * weights).sum()) / count
+        var = var * count / (count - 1) if count > 1 else var
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
@@ -228,3 +238,13 @@ def minibatches(batch_size: int, num_mini_batches: int, generator: torch.Generat
 def num_updates(total_episodes: int, batch_size: int) -> int:
     """ceil(total_episodes / batch_size) [23]."""
     return math.ceil(total_episodes / batch_size)
+
+
+def combine_process_stats(per_process: list[dict]) -> dict:
+    """One update's statistics from every process (equal batches): means of means are the whole batch's means;
+    the EOS count is a sum; the first-minibatch ratio check keeps its worst process [5]."""
+    combined = {key: sum(stats[key] for stats in per_process) / len(per_process) for key in per_process[0]}
+    combined["val/num_eos_tokens"] = sum(stats["val/num_eos_tokens"] for stats in per_process)
+    deviations = [stats["policy/first_minibatch_ratio_max_dev"] for stats in per_process]
+    combined["policy/first_minibatch_ratio_max_dev"] = max(deviations)
+    return combined

@@ -4,11 +4,12 @@
     nlpkit rlhf recipes/rlhf-hh-ppo.yaml            # then: PPO against it
     nlpkit chat runs/rlhf-hh-ppo --prompt "How do I stay safe online?"
 
-One update: sample `ppo.batch_size` prompts, generate responses (left padding, sampling at temperature T), cut each
-after its first stop token, score it (reward model at the EOS, plus reward functions, minus a penalty when no EOS
-came), shape per-token rewards with the KL to the reference, compute GAE advantages from the value model, then
-`num_ppo_epochs` passes of `num_mini_batches` clipped policy + value steps. The math lives in nlpkit/ppo/core.py as
-small tested functions; the numbers in brackets are the items of the PPO checklist (../shared/PPO.md).
+One update: sample `ppo.batch_size` prompts (split over the processes under --num-processes), generate responses
+(left padding, sampling at temperature T), cut each after its first stop token, score it (reward model at the EOS,
+plus reward functions, minus a penalty when no EOS came), shape per-token rewards with the KL to the reference,
+compute GAE advantages from the value model, then `num_ppo_epochs` passes of `num_mini_batches` clipped policy +
+value steps (gradients averaged over processes). The math lives in nlpkit/ppo/core.py as small tested functions; the
+numbers in brackets are the items of the PPO checklist (../shared/PPO.md).
 
 With LoRA there is one base model in memory: the policy is the adapter, the reference is the adapter disabled [26].
 The value model is a separate sequence classifier initialised from the reward model [24]. Only the policy is saved.
@@ -52,7 +53,9 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
     ppo = cfg.ppo or PPOSection()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, all_sum, gather = process_group()  # --num-processes: each process rolls out its own prompts
+    per_process = ppo.episodes_per_process(world)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
 
     # ------------------------------------------------------------------ prompts: train, and held out for the eval
@@ -92,7 +95,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / updates)
 
     metrics = {}
-    if eval_prompts:
+    main = rank == 0  # the main process evaluates, logs, checkpoints and saves
+    if eval_prompts and main:
         metrics |= {f"{k}_before": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
                                                           stop_ids, bf16, device).items()}
 
@@ -108,32 +112,42 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         first_update, episode, pool = load_checkpoint(checkpoint, **loop)
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
+    sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
     for update in range(first_update, updates + 1):
         while len(pool) < ppo.batch_size:  # walk the prompts in a fresh seeded order each pass
             pool += order.sample(train_prompts, len(train_prompts))
-        batch, pool = pool[:ppo.batch_size], pool[ppo.batch_size:]
-        rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device)
+        chunk, pool = pool[:ppo.batch_size], pool[ppo.batch_size:]
+        batch = chunk[rank * per_process:(rank + 1) * per_process]  # this process's share of the update's episodes
+        # The sampling noise of each update, drawn per process, from the seed: a resumed run draws the same.
+        torch.manual_seed(hash((cfg.train.seed, rank, update)) % 2**63)
+        rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device,
+                               all_sum)
         stats = train_on_rollout(policy, value_model, optimizer, rollout, ppo, cfg.train.gradient_accumulation_steps,
-                                 generator, bf16)
+                                 generator, bf16, sync_grads)
         scheduler.step()
         episode += ppo.batch_size
-        stats |= rollout["stats"] | {"lr": scheduler.get_last_lr()[0], "episode": episode,
-                                     "eps": episode / (time.time() - loop_started)}
+        stats = core.combine_process_stats(gather(stats | rollout["stats"]))  # over every process's episodes
+        stats |= {"lr": scheduler.get_last_lr()[0], "episode": episode, "eps": episode / (time.time() - loop_started)}
         check_health(stats, ppo, cfg.train.watchdog, update, output_dir)
-        with log_path.open("a") as f:
-            f.write(json.dumps({"step": update, **stats}) + "\n")
-        report.info(f"update {update}/{updates}  score {stats['objective/scores']:+.3f}  kl "
-                    f"{stats['objective/kl']:.3f}  approxkl {stats['policy/approxkl_avg']:.4f}  clipfrac "
-                    f"{stats['policy/clipfrac_avg']:.3f}  eos {stats['val/num_eos_tokens']}/{ppo.batch_size}")
-        if sample_every and (update % sample_every == 0 or update == 1):
-            log_samples(samples_path, update, batch, rollout)
-        if save_every and update % save_every == 0 and update < updates:
-            save_checkpoint(output_dir, cfg, update, episode, pool, **loop)
+        samples = gather(sample_rows(update, batch, rollout)) if sample_every and (
+            update % sample_every == 0 or update == 1) else []
+        if main:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": update, **stats}) + "\n")
+            report.info(f"update {update}/{updates}  score {stats['objective/scores']:+.3f}  kl "
+                        f"{stats['objective/kl']:.3f}  approxkl {stats['policy/approxkl_avg']:.4f}  clipfrac "
+                        f"{stats['policy/clipfrac_avg']:.3f}  eos {stats['val/num_eos_tokens']}/"
+                        f"{ppo.batch_size}")
+            log_samples(samples_path, [row for rows in samples for row in rows])
+            if save_every and update % save_every == 0 and update < updates:
+                save_checkpoint(output_dir, cfg, update, episode, pool, **loop)
 
     # ------------------------------------------------------------------ save the policy only [25], evaluate
     metrics |= {key: stats[key] for key in ("objective/kl", "objective/scores", "objective/rlhf_reward",
                                             "policy/approxkl_avg", "eps")}
     metrics |= {"updates": updates, "episodes": episode, "train_runtime": round(time.time() - loop_started, 1)}
+    if not main:
+        return metrics
     if eval_prompts:
         metrics |= {f"{k}_after": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
                                                          stop_ids, bf16, device).items()}
@@ -156,8 +170,9 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
 
 def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[dict], ppo: PPOSection,
-                 stop_ids: list[int], bf16: bool, device) -> dict:
-    """Generate, score and compute advantages for one batch of prompts, all without gradients [4]."""
+                 stop_ids: list[int], bf16: bool, device, all_sum=None) -> dict:
+    """Generate, score and compute advantages for one batch of prompts, all without gradients [4]. With several
+    processes, all_sum makes the whitening statistics those of every process's episodes together."""
     import torch
 
     queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
@@ -191,9 +206,9 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
     non_score_reward = -ppo.kl_coef * kl
     rewards = core.shaped_rewards(scores, kl, ppo.kl_coef, ends)  # [13, 14]
     if ppo.whiten_rewards:
-        rewards = core.masked_whiten(rewards, valid, shift_mean=False).masked_fill(pad_mask, 0.0)  # [16]
+        rewards = core.masked_whiten(rewards, valid, shift_mean=False, all_sum=all_sum).masked_fill(pad_mask, 0.0)
     advantages, returns = core.gae(rewards, values, valid.float(), ppo.gamma, ppo.lam)  # [17]
-    advantages = core.masked_whiten(advantages, valid).masked_fill(pad_mask, 0.0)  # [18]
+    advantages = core.masked_whiten(advantages, valid, all_sum=all_sum).masked_fill(pad_mask, 0.0)  # [16, 18]
 
     stats = {
         "objective/kl": kl.sum(1).mean().item(),
@@ -205,9 +220,9 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
         "val/num_eos_tokens": int(has_stop.sum()),
         "objective/response_length": (ends + 1).float().mean().item(),
     }
-    return {"pad_id": tokenizer.pad_token_id, "query_responses": query_responses, "responses": responses, "context": context, "logprobs": logprobs,
-            "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
-            "pad_mask": pad_mask, "completions": completions, "scores": scores, "stats": stats}
+    return {"pad_id": tokenizer.pad_token_id, "query_responses": query_responses, "responses": responses,
+            "context": context, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "pad_mask": pad_mask, "completions": completions, "scores": scores, "kl": kl.sum(1), "stats": stats}
 
 
 def sample(policy, tokenizer, queries, ppo: PPOSection, stop_ids: list[int]):
@@ -244,8 +259,9 @@ def forward_values(value_model, query_responses, context: int, pad_id: int):
 
 
 def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSection, accumulation: int,
-                     generator, bf16: bool) -> dict:
-    """num_ppo_epochs x num_mini_batches clipped policy + value steps on one rollout [19, 20, 21]."""
+                     generator, bf16: bool, sync_grads=None) -> dict:
+    """num_ppo_epochs x num_mini_batches clipped policy + value steps on one rollout [19, 20, 21]. sync_grads
+    averages the gradients over processes before each step, as DDP would."""
     import torch
 
     policy.train()
@@ -253,7 +269,7 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
     device = rollout["responses"].device
     sums, count, first_ratio_dev = {}, 0, None
     for _ in range(ppo.num_ppo_epochs):
-        for minibatch in core.minibatches(ppo.batch_size, ppo.num_mini_batches, generator):
+        for minibatch in core.minibatches(len(rollout["responses"]), ppo.num_mini_batches, generator):
             optimizer.zero_grad(set_to_none=True)
             for micro in minibatch.chunk(accumulation):  # gradient accumulation inside a minibatch [21]
                 micro = micro.to(device)
@@ -286,6 +302,8 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
                 for key, value in step.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
+            if sync_grads is not None:
+                sync_grads([p for group in optimizer.param_groups for p in group["params"]])
             optimizer.step()
     stats = {key: value / count for key, value in sums.items()}
     stats["policy/first_minibatch_ratio_max_dev"] = first_ratio_dev
@@ -515,13 +533,50 @@ def decode_responses(tokenizer, responses, ends, has_stop) -> list[str]:
     return texts
 
 
-def log_samples(path: Path, update: int, batch: list[dict], rollout: dict, shown: int = 3) -> None:
-    """A few prompts and responses with their scores, to stderr and samples.jsonl."""
+def sample_rows(update: int, batch: list[dict], rollout: dict) -> list[dict]:
+    """The update's prompts, responses, scores and KL, as rows for samples.jsonl."""
+    return [{"update": update, "prompt": record["prompt"], "response": completion, "score": score, "kl": kl}
+            for record, completion, score, kl in zip(batch, rollout["completions"], rollout["scores"].tolist(),
+                                                      rollout["kl"].tolist())]
+
+
+def log_samples(path: Path, rows: list[dict], shown: int = 3) -> None:
+    """Every sampled episode to samples.jsonl (from every process), and a few to stderr."""
     with path.open("a") as f:
-        for record, completion, score in list(zip(batch, rollout["completions"], rollout["scores"].tolist()))[:shown]:
-            f.write(json.dumps({"update": update, "prompt": record["prompt"], "response": completion,
-                                "score": score}) + "\n")
-            report.info(f"  [{update}] {score:+.2f}  {record['prompt'][:60]!r} -> {completion[:100]!r}")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    for row in rows[:shown]:
+        report.info(f"  [{row['update']}] {row['score']:+.2f}  {row['prompt'][:60]!r} -> {row['response'][:100]!r}")
+
+
+def process_group():
+    """(rank, world size, all_sum, gather) for this process. One process: (0, 1, None, [x]). Under
+    `--num-processes N` accelerate launch set the group up (gloo on CPU, NCCL on GPUs); PartialState joins it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, None, lambda value: [value]
+    from accelerate import PartialState
+
+    PartialState()
+
+    def all_sum(tensor):
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    def gather(value) -> list:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    return dist.get_rank(), dist.get_world_size(), all_sum, gather
+
+
+def average_gradients(params, all_sum, world: int) -> None:
+    for param in params:
+        if param.grad is not None:
+            param.grad = all_sum(param.grad) / world
 
 
 def autocast(bf16: bool, device):

@@ -182,6 +182,32 @@ def chat(
     _execute(work, as_json=False, stdout_is_result=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A classify or sft run directory, or a model (alias, directory).")],
+    host: Annotated[str, typer.Option("--host", help="Loopback by default: only this machine can connect.")] =
+    "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NLPKIT_API_KEY",
+                                                   help="Require `Authorization: Bearer KEY` on /v1/*.")] = None,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1,
+                                                  help="Most tokens one chat answer may ask for.")] = 512,
+    max_request_kb: Annotated[int, typer.Option("--max-request-kb", min=1,
+                                                help="Larger request bodies get 413.")] = 64,
+):
+    """Serve a model over HTTP: OpenAI-style /v1/chat/completions or /v1/classify, /health, and a page at /."""
+
+    def work():
+        from nlpkit import serve as serving
+
+        served = serving.load_served(model)
+        serving.run_server(served, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                           max_request_bytes=max_request_kb * 1024)
+        return {}
+
+    _execute(work, as_json=False, stdout_is_result=False)
+
+
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

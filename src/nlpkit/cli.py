@@ -81,7 +81,7 @@ def finetune(
         metrics = stage.run(cfg, out)
         return {"output_dir": str(out), **metrics}
 
-    _execute(work, as_json, show=_show_run)
+    _execute(work, as_json)  # the stage printed the run summary on stderr
 
 
 @app.command("eval")
@@ -317,15 +317,6 @@ def _claim_output_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir or delete it")
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _show_run(result: dict) -> None:
-    from nlpkit import report
-
-    _show_metrics(result)
-    out = result["output_dir"]
-    report.info(f"saved to {out}/ (model, tokenizer, nlpkit_run.json, metrics.json, train_log.jsonl, README.md)")
-    report.info(f"next: nlpkit eval {out} --data FILE --json")
 
 
 def _show_metrics(result: dict) -> None:

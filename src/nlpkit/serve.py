@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -242,7 +242,7 @@ def classify_texts(served: Served, texts: list[str]) -> list[dict]:
     return results
 
 
-class generate_stream:  # noqa: N801 - used like a function returning an iterator
+class generate_stream:  # lower case: used like a function that returns an iterator
     """Text pieces of one answer as they are generated, under the model's lock, in a thread of its own.
 
     Iterating yields text; afterwards `finish_reason` ("stop" at EOS, "length" at max_tokens) and
@@ -264,12 +264,13 @@ class generate_stream:  # noqa: N801 - used like a function returning an iterato
 
         self._streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True)
         tokenizer = served.tokenizer
-        self._kwargs = dict(max_new_tokens=max_tokens, streamer=self._streamer, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        self._kwargs = {"max_new_tokens": max_tokens, "streamer": self._streamer,
+                        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                        "stopping_criteria": StoppingCriteriaList([Cancelled()])}
         if temperature > 0:
-            self._kwargs |= dict(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            self._kwargs |= dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            self._kwargs |= {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        else:  # greedy; None clears sampling defaults a model's generation_config may carry
+            self._kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         self._seed = seed
         self._thread = threading.Thread(target=self._generate, daemon=True)
         self._started = False

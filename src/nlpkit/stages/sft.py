@@ -50,7 +50,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     trainer = SFTTrainer(
         model=model, args=sft_config(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None),
         train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
+        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl"), report.tensorboard_callback(output_dir)],
     )
     check_trained_tokens(trainer.train_dataset, len(train_set), train_rows.name, cfg.data.max_length)
 

@@ -208,6 +208,45 @@ def serve(
     _execute(work, as_json=False, stdout_is_result=False)
 
 
+@app.command()
+def embed(
+    model: Annotated[str, typer.Argument(help="An encoder: alias (minilm), model directory, or a classify run.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="The texts (--similar) or the words A B C (--analogy).",
+                                                         show_default=False)] = None,
+    similar: Annotated[bool, typer.Option("--similar", help="Rank TEXT 2..n by cosine similarity to TEXT 1.")] = False,
+    analogy: Annotated[bool, typer.Option("--analogy", help="Words closest to A - B + C (king man woman).")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Analogy candidates to list.")] = 10,
+    as_json: JsonOpt = False,
+):
+    """Sentence similarity and word analogies with an encoder's mean-pooled embeddings (the embeddings lab)."""
+
+    def work():
+        from nlpkit import embed as embedding
+
+        given = texts or []
+        if similar == analogy:
+            raise NlpkitError("nlpkit embed: choose one of --similar TEXT TEXT... or --analogy A B C")
+        if analogy and len(given) != 3:
+            raise NlpkitError(f"--analogy: takes three words A B C for A - B + C (got {len(given)}), e.g. "
+                              "--analogy king man woman")
+        encoder, tokenizer = embedding.load_encoder(model)
+        if similar:
+            return embedding.similar(encoder, tokenizer, given)
+        return embedding.analogy(encoder, tokenizer, *given, top_k=top_k)
+
+    def show(result):
+        if "ranked" in result:
+            print(f"most similar to: {result['query']}")
+            for row in result["ranked"]:
+                print(f"  {row['cosine']:+.3f}  {row['text']}")
+        else:
+            print(f"{result['analogy']} ~ (of {result['vocabulary_size']:,} whole-word tokens)")
+            for row in result["candidates"]:
+                print(f"  {row['cosine']:.3f}  {row['word']}")
+
+    _execute(work, as_json, show=show)
+
+
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

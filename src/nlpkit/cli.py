@@ -281,6 +281,32 @@ def data_check(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, as for finetune.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="As for finetune: peft.method=lora.")] = False,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="As for finetune: quant.bits=N.")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="A budget (8GB, 900MB): suggestions when the "
+                                                  "estimate is over it.")] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes: global "
+                                               "batch and per-process memory.")] = 1,
+    as_json: JsonOpt = False,
+):
+    """Preflight without training: resolved config, parameter counts, and a peak-memory estimate by component."""
+
+    def work():
+        from nlpkit import plan as planning
+        from nlpkit.config import load_recipe
+
+        budget = planning.parse_memory(memory) if memory is not None else None
+        sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
+        cfg = load_recipe(recipe, sugar + (overrides or []))
+        return planning.plan(cfg, num_processes=num_processes, memory_mb=budget)
+
+    _execute(work, as_json, show=_show_plan)
+
+
+@app.command()
 def recipes(as_json: JsonOpt = False):
     """List the shipped recipes with what each trains."""
 
@@ -356,6 +382,28 @@ def _claim_output_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir or delete it")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _show_plan(result: dict) -> None:
+    import yaml
+
+    from nlpkit import report
+
+    report.info(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
+    params, batch, memory = result["parameters"], result["batch"], result["memory_mb"]
+    report.info(f"parameters: {params['trainable']:,} trainable of {params['total']:,} ({params['trainable_percent']}%)")
+    report.info(f"batch: {batch['per_device']} per device x {batch['num_processes']} process(es) x "
+                f"{batch['gradient_accumulation_steps']} accumulation = {batch['global']} global")
+    report.info(f"precision: {result['precision']}; train rows: {result['data']['train_rows']:,}")
+    per = " per process" if batch["num_processes"] > 1 else ""
+    report.info(f"estimated peak memory{per}: {memory['total']:,.0f} MB")
+    for key, value in memory.items():
+        if key != "total" and value:
+            report.info(f"  {key:16s} {value:9,.0f} MB")
+    if "fits" in result:
+        report.info(f"budget {result['budget_mb']:,.0f} MB: {'fits' if result['fits'] else 'does NOT fit'}")
+    for s in result.get("suggestions", []):
+        report.info(f"  try {s['override']:60s} ~{s['estimate_mb']:,.0f} MB{' (fits)' if s['fits'] else ''}: {s['why']}")
 
 
 def _show_metrics(result: dict) -> None:

@@ -37,7 +37,7 @@ chromium:
 		apt-get install -y -q chromium chromium-driver >/dev/null || echo "note: apt-get could not install chromium; the page test will skip"; \
 	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
 		sudo -n apt-get install -y -q chromium chromium-driver >/dev/null || echo "note: apt-get could not install chromium; the page test will skip"; \
-	else echo "note: chromium not installed and no root to install it (apt-get install chromium chromium-driver); the page test will skip"; fi
+	else echo "note: chromium not installed, and no apt-get with root here to install it (apt-get install chromium chromium-driver); the page test will skip"; fi
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

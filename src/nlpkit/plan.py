@@ -287,6 +287,8 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
         candidates.append(({"peft.method": "lora"}, "train LoRA adapters (--lora): no full gradients or Adam states"))
     elif cfg.quant is None:
         candidates.append(({"quant.bits": 4}, "QLoRA (--bits 4): a 4-bit base"))
+    current = estimate_memory(cfg, shape, framework_mb=framework_mb, data_mb=data_mb, bf16=bf16,
+                              num_processes=num_processes)["total"]
     found = []
     for changes, why in candidates:
         changed = _with(raw, changes)
@@ -296,6 +298,8 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
         total = estimate_memory(new_cfg, new_shape, framework_mb=framework_mb, data_mb=data_mb, bf16=bf16 or
                                 changes.get("train.bf16", False), num_processes=num_processes)["total"]
         override = " ".join(f"{k}={v}" for k, v in changes.items())
+        if total >= current:  # e.g. bf16's weight cache outweighs its activation savings on a tiny model
+            continue
         found.append({"override": override, "why": why, "estimate_mb": total, "fits": total <= budget_mb})
     return sorted(found, key=lambda s: s["estimate_mb"])
 

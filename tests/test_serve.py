@@ -213,3 +213,22 @@ def test_serve_refuses_a_model_without_a_head(tiny_bert):
     result = nlpkit("serve", tiny_bert)
     assert result.code == 2
     assert "no classification or language-model head" in result.stderr and "nlpkit finetune" in result.stderr
+
+
+def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
+    from nlpkit.serve import _ClassifyBatcher, classify_texts
+
+    served = load_served(str(tiny_classifier))
+    requests = [["good food"], ["the team won", "tech news"], ["bad"], ["a fine film", "dull", "great"]]
+    alone = [classify_texts(served, texts) for texts in requests]
+    passes = []
+    served.model.register_forward_hook(lambda module, args, kwargs_or_out: passes.append(1))
+    batcher = _ClassifyBatcher(served, max_batch=64)
+    with served.lock:  # the model is busy: every request queues up meanwhile
+        futures = [batcher.submit(texts) for texts in requests]
+    results = [f.result(timeout=60) for f in futures]
+    assert len(passes) <= 2  # the first request alone (taken before the lock was seen), then the rest together
+    for got, expected in zip(results, alone):
+        assert [r["index"] for r in got] == list(range(len(expected)))
+        assert [r["label"] for r in got] == [r["label"] for r in expected]
+        assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)

@@ -9,17 +9,22 @@ Endpoints: `GET /health`, `GET /` (the page), `POST /v1/chat/completions` (with 
 as OpenAI sends them, `data: {...}` chunks and a closing `data: [DONE]`), `POST /v1/classify`. Errors are OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status that says whose fault it is.
 
-One model, one lock: requests run one at a time on the model. On a few CPU cores two forward passes side by side
-only fight over the same cores, and the lock keeps peak memory at one request's worth.
+One model, one lock: work runs one piece at a time on the model. On a few CPU cores two forward passes side by side
+only fight over the same cores, and the lock keeps peak memory at one batch's worth. Classify requests that arrive
+while the model is busy are batched: one forward pass for every text queued (up to --max-batch texts), which is
+what keeps latency flat when hundreds of requests come at once. Chat answers are generated one after another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -147,6 +152,7 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
     """The app for one served model. `api_key` guards /v1/* (the page and /health stay open, the page asks for it)."""
     app = FastAPI(title=f"nlpkit serve {served.name}", docs_url="/docs", redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
+    batcher = _ClassifyBatcher(served, max_batch) if served.task == "classify" else None
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -178,14 +184,15 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         return resources.files("nlpkit").joinpath("static/index.html").read_text()
 
     @app.post("/v1/classify")
-    def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest):
         if served.task != "classify":
             raise ApiError(400, f"{served.name} is a causal LM: it answers on /v1/chat/completions, not "
                                 "/v1/classify", code="wrong_endpoint")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if len(texts) > max_batch:
             raise ApiError(400, f"input: {len(texts)} texts; at most {max_batch} per request", param="input")
-        return {"object": "list", "model": served.name, "data": classify_texts(served, texts)}
+        results = await asyncio.wrap_future(batcher.submit(texts))
+        return {"object": "list", "model": served.name, "data": results}
 
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest):
@@ -240,6 +247,47 @@ def classify_texts(served: Served, texts: list[str]) -> list[dict]:
                         key=lambda s: -s["score"])
         results.append({"index": index, "label": scores[0]["label"], "score": scores[0]["score"], "scores": scores})
     return results
+
+
+class _ClassifyBatcher:
+    """One worker thread runs the model; requests queue their texts and wait on a future. Each pass takes every
+    request waiting (up to max_batch texts), so a burst of requests costs a few forward passes, not one each."""
+
+    def __init__(self, served: Served, max_batch: int):
+        self.served, self.max_batch = served, max_batch
+        self.waiting: queue.Queue[tuple[list[str], Future]] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="nlpkit-classify").start()
+
+    def submit(self, texts: list[str]) -> Future:
+        done: Future = Future()
+        self.waiting.put((texts, done))
+        return done
+
+    def _work(self):
+        while True:
+            batch = [self.waiting.get()]
+            size = len(batch[0][0])
+            while True:
+                try:
+                    texts, done = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if size + len(texts) > self.max_batch:
+                    self.waiting.put((texts, done))  # next pass; order within a burst does not matter
+                    break
+                batch.append((texts, done))
+                size += len(texts)
+            try:
+                results = classify_texts(self.served, [t for texts, _ in batch for t in texts])
+            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
+                for _, done in batch:
+                    done.set_exception(e)
+                continue
+            start = 0
+            for texts, done in batch:
+                mine = results[start:start + len(texts)]
+                done.set_result([{**r, "index": i} for i, r in enumerate(mine)])
+                start += len(texts)
 
 
 class generate_stream:  # lower case: used like a function that returns an iterator

@@ -16,8 +16,11 @@ length-grouped sampler serves the longest batch first):
 - bf16 autocast's cache: a bf16 copy of every trainable weight that goes through a matmul;
 - activations kept for the backward pass: per layer, the tensors each op saves (norm inputs, projections, attention
   output, MLP intermediates, dropout masks, LoRA's dropped-out inputs), for the longest batch (batch x max_length);
-- for causal LMs the logits: batch x length x vocabulary, in the autocast dtype, its fp32 upcast for the loss, the
-  log-softmax saved by cross entropy, and its gradient.
+  with activation checkpointing (trl's SFTConfig turns it on by default) only each layer's input, plus one layer
+  recomputed at a time in the backward pass;
+- for causal LMs the LM head: trl's fused head computes log-probabilities tile by tile (at most 4,096 positions x
+  32,768 vocabulary entries), never the whole batch x length x vocabulary logits; the tile's backward temporaries
+  are what it adds at the peak.
 
 Not modelled: allocator fragmentation and library caches; the figure is an estimate to compare with a budget, and
 `nlpkit_run.json`'s `peak_memory_mb` is the measured truth.
@@ -76,8 +79,16 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
     # DDP keeps its gradient buckets beside .grad: one more fp32 copy of the trainable parameters.
     ddp_buckets = 4 * trainable if num_processes > 1 else 0
     tokens = cfg.train.per_device_train_batch_size * cfg.data.max_length
-    activations = shape["num_layers"] * layer_activation_bytes(cfg, shape, tokens, bf16)
-    logits = lm_logit_bytes(shape, tokens, bf16) if cfg.stage == "sft" else 0
+    layer = layer_activation_bytes(cfg, shape, tokens, bf16)
+    logits = lm_head_bytes(shape, tokens, bf16) if cfg.stage == "sft" else 0
+    recompute = 0.0
+    if checkpointing(cfg):
+        # Each layer keeps only its fp32 input; backward recomputes one layer at a time. The head's tiles are freed
+        # before the first recompute, so the peak holds the larger of the two, not both.
+        activations = shape["num_layers"] * 4 * tokens * shape["hidden"]
+        recompute, logits = (layer, 0.0) if layer > logits else (0.0, logits)
+    else:
+        activations = shape["num_layers"] * layer
     parts = {
         "framework": framework_mb,
         "data": data_mb,
@@ -86,7 +97,8 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
         "optimizer": optimizer / MB,
         "autocast_cache": autocast_cache / MB,
         "activations": activations / MB,
-        "logits": logits / MB,
+        "layer_recompute": recompute / MB,
+        "lm_head": logits / MB,
         "ddp_buckets": ddp_buckets / MB,
     }
     parts = {k: round(v, 1) for k, v in parts.items()}
@@ -94,47 +106,63 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
     return parts
 
 
-def layer_activation_bytes(cfg: Recipe, shape: dict, tokens: int, bf16: bool) -> float:
-    """Bytes one transformer layer saves for backward, for `tokens` = batch x length positions.
+def checkpointing(cfg: Recipe) -> bool:
+    """Activation checkpointing: as train.extra sets it, else the trainer's default (on in trl's SFTConfig)."""
+    extra = cfg.train.extra
+    for key in ("activation_checkpointing", "gradient_checkpointing"):
+        if key in extra:
+            return bool(extra[key])
+    return cfg.stage == "sft"
 
-    Autograd keeps a matmul's input only when its weight trains: a frozen base (LoRA) keeps instead what LoRA's A
-    needs, the dropped-out input of each adapted layer. Norms run in fp32 under autocast, so their inputs are kept in
-    fp32; other tensors are kept in the autocast dtype. Nonlinearities keep their inputs (GELU; SiLU and the gate
-    product of a gated MLP). Attention keeps q, k, v, its output and a logsumexp per head and position; with attention
-    dropout the CPU kernel is the math path, which also keeps the probabilities and the mask (`attention_matrix`).
+
+def layer_activation_bytes(cfg: Recipe, shape: dict, tokens: int, bf16: bool) -> float:
+    """Bytes one transformer layer keeps for backward, for `tokens` = batch x length positions.
+
+    The rules, each checked against the tensors autograd actually saves (torch.autograd.graph.saved_tensors_hooks)
+    on MiniLM and SmolLM2:
+    - a matmul keeps its input only when its weight trains; under autocast every linear casts its fp32 input to
+      bf16 itself, so q, k and v each keep their own copy (in fp32 they share one);
+    - LoRA's A keeps its dropped-out input (cast to the autocast dtype), and dropout keeps a mask in fp32 (peft
+      casts the input to the adapter's fp32 dtype first), for every adapted layer; B keeps A's output;
+    - norms keep their fp32 input; GELU keeps its input; a gated MLP keeps the gate, act(gate) and up;
+    - attention without dropout goes through SDPA's fused kernel (q, k, v, the output, a logsumexp per head); with
+      attention dropout (BERT in training) the CPU takes the math path in fp32, keeping q, k, v and three
+      batch x heads x length x length tensors (probabilities, dropout mask, dropped probabilities);
+    - hidden dropout keeps a mask in the autocast dtype after attention and after the MLP.
     """
     p = 2 if bf16 else 4
     h, i, kv, heads = shape["hidden"], shape["intermediate"], shape["kv_hidden"], shape["heads"]
-    full = cfg.peft is None
-    gated = shape["gated_mlp"]
-    per_token = 2 * 4 * h * (2 if gated and full else 1)  # two norms' fp32 inputs (RMSNorm's scaled input too)
-    per_token += p * (h + 2 * kv) + p * h + 4 * heads  # attention: q, k, v, output, logsumexp
-    per_token += p * i if not gated else 3 * p * i  # GELU input, or SiLU input + act(gate) and up for the product
-    if full:  # inputs of q/k/v (shared), out, up/gate (shared), down
-        per_token += p * (3 * h + i)
-    elif cfg.peft.method == "lora" and cfg.peft.dropout > 0:
-        # Per adapted layer: dropout's 1-byte mask, and A's input (the dropped-out copy cast to the autocast dtype).
-        per_token += shape["lora_input_width"] * (1 + p)
-    elif cfg.peft.method == "lora":  # dropout 0: A keeps the layer's own input, as a trained matmul would
-        per_token += p * (3 * h + i)
-    if shape["hidden_dropout"] > 0:
-        per_token += 2 * h  # 1-byte masks after attention and after the MLP
-    per_layer = per_token * tokens
+    batch, seq = cfg.train.per_device_train_batch_size, cfg.data.max_length
+    full, gated = cfg.peft is None, shape["gated_mlp"]
+    per_token = 2 * 4 * h  # two norms' fp32 inputs
+    per_token += 3 * p * i if gated else p * i  # gate, act(gate), up; or GELU's input
+    if full:  # linear inputs: q/k/v (a cast each under autocast), out, up (and gate), down
+        qkv, up = (3, 2 if gated else 1) if bf16 else (1, 1)
+        per_token += p * ((qkv + 1 + up) * h + i)
+    elif cfg.peft.method == "lora":
+        width = shape["lora_input_width"]
+        mask = 0 if cfg.peft.dropout == 0 else 4 * width
+        per_token += p * width + mask + p * cfg.peft.r * shape["adapted_per_layer"]
     if shape["attention_dropout"] > 0:
-        per_layer += attention_matrix(cfg.train.per_device_train_batch_size, heads, cfg.data.max_length, p)
-    return per_layer
+        per_token += 3 * 4 * h
+        per_layer_extra = 3 * 4 * batch * heads * seq * seq
+    else:
+        per_token += p * (h + 2 * kv) + p * h + 4 * heads
+        per_layer_extra = 0
+    if shape["hidden_dropout"] > 0:
+        per_token += 2 * p * h
+    return per_token * tokens + per_layer_extra
 
 
-def attention_matrix(batch: int, heads: int, seq: int, p: int) -> float:
-    """The math attention path keeps the softmax probabilities, the dropout mask and the dropped-out probabilities."""
-    return batch * heads * seq * seq * (p + 1 + p)
-
-
-def lm_logit_bytes(shape: dict, tokens: int, bf16: bool) -> float:
-    """Logits in the autocast dtype, the fp32 upcast the loss uses, cross entropy's saved log-softmax, and the
-    logits' fp32 gradient, all alive at the start of the backward pass."""
+def lm_head_bytes(shape: dict, tokens: int, bf16: bool) -> float:
+    """trl's SFTTrainer never builds the full logits: its fused LM head walks tiles of at most 4,096 positions x
+    32,768 vocabulary entries (trl/kernels/chunked_logprob.py). On CPU the backward of one tile holds, at once, the
+    matmul buffer (autocast dtype), five fp32 tiles (the logits, scaled logits, log-probabilities, probabilities,
+    the gradient), the target mask (1 byte) and two fp32 temporaries of the gradient update; plus the fp32
+    gradient of the hidden states."""
     p = 2 if bf16 else 4
-    return tokens * shape["vocab"] * (p + 4 + 4 + 4)
+    tile = min(tokens, 4096) * min(shape["vocab"], 32768)
+    return tile * (p + 5 * 4 + 1 + 2 * 4) + tokens * shape["hidden"] * 4
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -160,7 +188,8 @@ def model_shape(cfg: Recipe, num_labels: int) -> dict:
     linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     heads = {name for name in linear if name.rsplit(".", 1)[-1] in HEAD_MODULES}
     body_linear = sum(m.weight.numel() for name, m in linear.items() if name not in heads)
-    adapter, lora_inputs, targeted = _adapter(cfg, config, linear, heads)
+    adapter, chosen, targeted = _adapter(cfg, config, linear, heads)
+    layers = config.num_hidden_layers
     head = sum(p.numel() for name in heads for p in linear[name].parameters())
     if cfg.peft is None:
         trainable = total
@@ -183,33 +212,33 @@ def model_shape(cfg: Recipe, num_labels: int) -> dict:
         "hidden_dropout": getattr(config, "hidden_dropout_prob", 0.0) or 0.0,
         "attention_dropout": getattr(config, "attention_probs_dropout_prob", None)
         or getattr(config, "attention_dropout", 0.0) or 0.0,
-        "lora_input_width": lora_inputs, "adapted_layers": targeted, "num_labels": num_labels,
+        "lora_input_width": sum(m.in_features for _, m in chosen) // layers, "adapted_per_layer": targeted // layers,
+        "num_labels": num_labels,
     }
 
 
 def _adapter(cfg: Recipe, config, linear: dict, heads: set) -> tuple[int, int, int]:
-    """(adapter parameters, summed input width of adapted layers per layer, number of adapted modules)."""
+    """(adapter parameters, the adapted (name, linear) pairs for LoRA, number of adapted modules)."""
     if cfg.peft is None:
-        return 0, 0, 0
+        return 0, [], 0
     method = cfg.peft.method
     if method in PROMPT_METHODS:
         virtual = cfg.peft.num_virtual_tokens
         if method == "prompt_tuning":
-            return virtual * config.hidden_size, 0, 0
-        return virtual * config.num_hidden_layers * 2 * config.hidden_size, 0, 0
+            return virtual * config.hidden_size, [], 0
+        return virtual * config.num_hidden_layers * 2 * config.hidden_size, [], 0
     wanted = cfg.peft.target_modules
     chosen = [(name, m) for name, m in linear.items() if name not in heads and (
         wanted == "all-linear" or any(re.fullmatch(rf"(.*\.)?{re.escape(t)}", name) for t in wanted))]
     if not chosen:
         raise NlpkitError(f"peft.target_modules {wanted}: match no linear layer of {cfg.model.name}")
     if method == "ia3":
-        return sum(m.out_features for _, m in chosen), 0, len(chosen)
+        return sum(m.out_features for _, m in chosen), [], len(chosen)
     r = cfg.peft.r
     params = sum(r * (m.in_features + m.out_features) for _, m in chosen)
     if cfg.peft.use_dora:
         params += sum(m.out_features for _, m in chosen)
-    width = sum(m.in_features for _, m in chosen) // config.num_hidden_layers
-    return params, width, len(chosen)
+    return params, chosen, len(chosen)
 
 
 # ---------------------------------------------------------------------------------------------- measured parts
@@ -227,6 +256,7 @@ def _import_stage_libraries(stage: str) -> float:
     import sklearn.metrics  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - every run writes TensorBoard events
     from transformers import Trainer  # noqa: F401
 
     if stage == "sft":
@@ -283,6 +313,9 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
         candidates.append(({"data.max_length": cfg.data.max_length // 2}, "halve the sequence length"))
     if not bf16 and bf16_is_fast():
         candidates.append(({"train.bf16": True}, "bf16 autocast: half-size activations"))
+    if not checkpointing(cfg):
+        candidates.append(({"train.extra.gradient_checkpointing": True},
+                           "activation checkpointing: keep layer inputs only, recompute in backward (slower)"))
     if cfg.peft is None:
         candidates.append(({"peft.method": "lora"}, "train LoRA adapters (--lora): no full gradients or Adam states"))
     elif cfg.quant is None:
@@ -309,10 +342,13 @@ def _with(raw: dict, changes: dict) -> dict:
 
     changed = copy.deepcopy(raw)
     for key, value in changes.items():
-        section, field = key.split(".")
-        if changed.get(section) is None:
-            changed[section] = {}
-        changed[section][field] = value
+        *sections, field = key.split(".")
+        node = changed
+        for section in sections:
+            if node.get(section) is None:
+                node[section] = {}
+            node = node[section]
+        node[field] = value
     return changed
 
 

@@ -102,7 +102,7 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
     manifest = {
         "nlpkit_version": versions()["nlpkit"],
         "stage": cfg.stage,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": [_program(), *sys.argv[1:]],
         "config": cfg.model_dump(mode="json"),
         "task": task,
         "seed": cfg.train.seed,
@@ -117,6 +117,11 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
     (output_dir / "README.md").write_text(model_card(manifest, metrics))
     write_json(output_dir / MANIFEST, manifest)
     print_summary(metrics["summary"])
+
+
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "nlpkit" if name == "__main__.py" else name  # `python -m nlpkit` reproduces as `nlpkit`
 
 
 def next_commands(stage: str, output_dir: Path) -> list[str]:

@@ -232,3 +232,34 @@ def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
         assert [r["index"] for r in got] == list(range(len(expected)))
         assert [r["label"] for r in got] == [r["label"] for r in expected]
         assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_concurrent_chat_answers_are_generated_together_and_each_stops_on_its_own(chat_served):
+    from nlpkit.serve import _ChatBatcher
+
+    tokenizer, model = chat_served.tokenizer, chat_served.model
+    questions = [("hello there", 8), ("good food and tech news today", 3), ("the team", 12)]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] for q, _ in questions]
+    alone = []
+    for prompt, (_, limit) in zip(prompts, questions):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=limit, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        alone.append(out[0, len(prompt):].tolist())
+    passes = []
+    original = model.generate
+    model.generate = lambda *a, **k: passes.append(k["input_ids"].shape[0]) or original(*a, **k)
+    try:
+        batcher = _ChatBatcher(chat_served, max_batch=16)
+        with chat_served.lock:  # the model is busy: all three queue up and go in one batch
+            jobs = [batcher.submit(p, limit, 0.0, 1.0, None) for p, (_, limit) in zip(prompts, questions)]
+        answers = ["".join(job) for job in jobs]
+    finally:
+        model.generate = original
+    assert sum(passes) == 3 and len(passes) <= 2  # one alone at most (taken before the lock), then together
+    for job, answer, tokens, (_, limit) in zip(jobs, answers, alone, questions):
+        eos = tokenizer.eos_token_id
+        expected = tokens[:tokens.index(eos)] if eos in tokens else tokens
+        assert answer == tokenizer.decode(expected, skip_special_tokens=True)  # left padding changes nothing
+        assert job.finish_reason == ("stop" if eos in tokens else "length")
+        assert job.completion_tokens == min(len(tokens), limit) and job.completion_tokens <= limit

@@ -10,9 +10,10 @@ as OpenAI sends them, `data: {...}` chunks and a closing `data: [DONE]`), `POST 
 shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status that says whose fault it is.
 
 One model, one lock: work runs one piece at a time on the model. On a few CPU cores two forward passes side by side
-only fight over the same cores, and the lock keeps peak memory at one batch's worth. Classify requests that arrive
-while the model is busy are batched: one forward pass for every text queued (up to --max-batch texts), which is
-what keeps latency flat when hundreds of requests come at once. Chat answers are generated one after another.
+only fight over the same cores, and the lock keeps peak memory at one batch's worth. Requests that arrive while the
+model is busy are batched: one forward pass for every text queued (up to 64), and one generate() call for up to 16
+chat answers (each streamed on its own, stopped at its own EOS or max_tokens). That is what keeps latency down when
+many requests come at once.
 """
 
 from __future__ import annotations
@@ -148,11 +149,12 @@ class ApiError(Exception):
 
 
 def create_app(served: Served, *, api_key: str | None = None, max_request_bytes: int = 64_000,
-               max_tokens_limit: int = 512, max_batch: int = 64) -> FastAPI:
+               max_tokens_limit: int = 512, max_batch: int = 64, max_chat_batch: int = 16) -> FastAPI:
     """The app for one served model. `api_key` guards /v1/* (the page and /health stay open, the page asks for it)."""
     app = FastAPI(title=f"nlpkit serve {served.name}", docs_url="/docs", redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
     batcher = _ClassifyBatcher(served, max_batch) if served.task == "classify" else None
+    chat_batcher = _ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -195,7 +197,7 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         return {"object": "list", "model": served.name, "data": results}
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest):
+    async def chat(body: ChatRequest):  # async: a waiting answer holds no thread, so any number can queue
         if served.task != "chat":
             raise ApiError(400, f"{served.name} is a classifier: it answers on /v1/classify, not "
                                 "/v1/chat/completions", code="wrong_endpoint")
@@ -214,13 +216,14 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
             raise ApiError(400, f"messages: the prompt is {used} tokens, and with max_tokens {wanted} it exceeds the "
                                 f"model's context of {served.max_length} tokens; shorten it or ask for fewer tokens",
                            param="messages", code="context_length_exceeded")
-        stream = generate_stream(served, prompt, wanted, body.temperature, body.top_p, body.seed)
+        stream = chat_batcher.submit(prompt["input_ids"][0].tolist(), wanted, body.temperature, body.top_p,
+                                     body.seed, loop=asyncio.get_running_loop())
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": completion_id, "created": created, "model": served.name}
         if body.stream:
             return StreamingResponse(_sse(stream, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text = "".join(stream)
+        text = "".join([piece async for piece in stream])
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": stream.finish_reason}],
@@ -290,74 +293,163 @@ class _ClassifyBatcher:
                 start += len(texts)
 
 
-class generate_stream:  # lower case: used like a function that returns an iterator
-    """Text pieces of one answer as they are generated, under the model's lock, in a thread of its own.
+class ChatJob:
+    """One chat answer: iterating yields its text as it is generated; afterwards `finish_reason` ("stop" at EOS,
+    "length" at max_tokens) and `completion_tokens` are set. `close()` (a client gone) drops it from its batch."""
 
-    Iterating yields text; afterwards `finish_reason` ("stop" at EOS, "length" at max_tokens) and
-    `completion_tokens` are set. `close()` (a client that went away) stops the generation at the next token.
-    """
-
-    def __init__(self, served: Served, prompt, max_tokens: int, temperature: float, top_p: float, seed: int | None):
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        self.served, self.prompt = served, prompt
+    def __init__(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.prompt, self.max_tokens, self.seed = prompt, max_tokens, seed
+        self.loop = loop  # given: pieces go to an asyncio queue, read with `async for` in the server's event loop
+        self.apieces: asyncio.Queue[str | None] | None = asyncio.Queue() if loop is not None else None
+        self.sampling = (temperature, top_p)
         self.finish_reason, self.completion_tokens = "stop", 0
-        self._cancelled = threading.Event()
-        self._error: BaseException | None = None
-        cancelled = self._cancelled
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded answer already handed out
+        self.pieces: queue.Queue[str | None] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
 
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return cancelled.is_set()
-
-        self._streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        tokenizer = served.tokenizer
-        self._kwargs = {"max_new_tokens": max_tokens, "streamer": self._streamer,
-                        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                        "stopping_criteria": StoppingCriteriaList([Cancelled()])}
-        if temperature > 0:
-            self._kwargs |= {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        else:  # greedy; None clears sampling defaults a model's generation_config may carry
-            self._kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        self._seed = seed
-        self._thread = threading.Thread(target=self._generate, daemon=True)
-        self._started = False
-
-    def _generate(self):
-        import torch
-
-        try:
-            with self.served.lock, torch.inference_mode():
-                if self._seed is not None:
-                    torch.manual_seed(self._seed)
-                out = self.served.model.generate(**self.prompt, **self._kwargs)
-            new = out[0, self.prompt["input_ids"].shape[1]:].tolist()
-            eos = self.served.tokenizer.eos_token_id
-            self.completion_tokens = new.index(eos) + 1 if eos in new else len(new)
-            self.finish_reason = "stop" if eos in new else "length"
-        except BaseException as e:  # surfaced in the iterating thread
-            self._error = e
-            self._streamer.end()
+    def put(self, piece: str | None):
+        """From the generating thread: the next piece of text, or None at the end."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.apieces.put_nowait, piece)
+        else:
+            self.pieces.put(piece)
 
     def __iter__(self):
-        if not self._started:
-            self._started = True
-            self._thread.start()
         try:
-            for piece in self._streamer:
-                if piece:
-                    yield piece
-            self._thread.join()
+            while (piece := self.pieces.get()) is not None:
+                yield piece
         finally:
-            self._cancelled.set()
-        if self._error is not None:
-            raise self._error
+            self.cancelled.set()
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self):
+        try:
+            while (piece := await self.apieces.get()) is not None:
+                yield piece
+        finally:
+            self.cancelled.set()
+        if self.error is not None:
+            raise self.error
 
     def close(self):
-        self._cancelled.set()
+        self.cancelled.set()
 
 
-def _sse(stream: generate_stream, head: dict):
+class _ChatBatcher:
+    """One worker thread generates; answers asked for while it is busy are generated together in one batch
+    (left-padded, up to max_batch), each streamed on its own and stopped at its own EOS or max_tokens. On a CPU a
+    decoding step for 16 rows costs little more than for one, so a burst of requests is served in a few passes.
+    Requests with a seed run alone, so the same seed gives the same answer whoever else is asking."""
+
+    def __init__(self, served: Served, max_batch: int):
+        self.served, self.max_batch = served, max_batch
+        self.waiting: queue.Queue[ChatJob] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="nlpkit-chat").start()
+
+    def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
+               seed: int | None, loop: asyncio.AbstractEventLoop | None = None) -> ChatJob:
+        job = ChatJob(prompt, max_tokens, temperature, top_p, seed, loop)
+        self.waiting.put(job)
+        return job
+
+    def _work(self):
+        while True:
+            batch, later = [self.waiting.get()], []
+            while batch[0].seed is None and len(batch) < self.max_batch:
+                try:
+                    job = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                (batch if job.seed is None and job.sampling == batch[0].sampling else later).append(job)
+            for job in later:
+                self.waiting.put(job)
+            batch = [job for job in batch if not job.cancelled.is_set()]
+            if not batch:
+                continue
+            try:
+                self._generate(batch)
+            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
+                for job in batch:
+                    job.error = e
+                    job.put(None)
+
+    def _generate(self, jobs: list[ChatJob]):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer, model = self.served.tokenizer, self.served.model
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.tensor([[pad] * (width - len(job.prompt)) + job.prompt for job in jobs])
+        mask = torch.tensor([[0] * (width - len(job.prompt)) + [1] * len(job.prompt) for job in jobs])
+        streamer = _RowStreamer(jobs, tokenizer)
+
+        class RowsDone(StoppingCriteria):  # a row at its own max_tokens, or whose client left, stops
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor(streamer.done, dtype=torch.bool)
+
+        temperature, top_p = jobs[0].sampling
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else
+                    {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})  # None: clear defaults
+        with self.served.lock, torch.inference_mode():
+            if jobs[0].seed is not None:
+                torch.manual_seed(jobs[0].seed)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(job.max_tokens for job in jobs),
+                           streamer=streamer, stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling)
+        streamer.end()  # rows generate() left unfinished (it calls end() too; a second call finds nothing to do)
+
+
+class _RowStreamer:
+    """generate()'s streamer for a batch: hands each row's new text to its job, and ends a row at EOS or at its
+    own max_tokens. Text is held back while it ends in a partial UTF-8 character."""
+
+    def __init__(self, jobs: list[ChatJob], tokenizer):
+        self.jobs, self.tokenizer = jobs, tokenizer
+        self.done = [False] * len(jobs)
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            job = self.jobs[row]
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self._finish(row, "stop", counted=1)
+                continue
+            job.tokens.append(token)
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > job.sent:
+                job.put(text[job.sent:])
+                job.sent = len(text)
+            if len(job.tokens) >= job.max_tokens:
+                self._finish(row, "length")
+            elif job.cancelled.is_set():
+                self._finish(row, "stop")
+
+    def end(self):
+        for row in range(len(self.jobs)):
+            if not self.done[row]:
+                self._finish(row, "length")
+
+    def _finish(self, row: int, reason: str, counted: int = 0):
+        job = self.jobs[row]
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if len(text) > job.sent:
+            job.put(text[job.sent:])
+        job.finish_reason, job.completion_tokens = reason, len(job.tokens) + counted  # the EOS counts, as OpenAI's
+        self.done[row] = True
+        job.put(None)
+
+
+async def _sse(stream: ChatJob, head: dict):
     """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, then `data: [DONE]`."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -367,7 +459,7 @@ def _sse(stream: generate_stream, head: dict):
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for piece in stream:
+        async for piece in stream:
             yield chunk({"content": piece})
         yield chunk({}, stream.finish_reason)
         yield "data: [DONE]\n\n"

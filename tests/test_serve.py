@@ -263,3 +263,13 @@ def test_concurrent_chat_answers_are_generated_together_and_each_stops_on_its_ow
         assert answer == tokenizer.decode(expected, skip_special_tokens=True)  # left padding changes nothing
         assert job.finish_reason == ("stop" if eos in tokens else "length")
         assert job.completion_tokens == min(len(tokens), limit) and job.completion_tokens <= limit
+
+
+def test_a_template_that_refuses_the_messages_is_400(tiny_llama):
+    served = load_served(str(tiny_llama))
+    served.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('no system messages') }}{% endif %}{{ m['content'] }}"
+                                      "{% endfor %}")
+    client = TestClient(create_app(served))
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}]})
+    assert response.status_code == 400 and "no system messages" in error_of(response)["message"]

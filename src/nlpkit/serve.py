@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -209,7 +210,7 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         try:
             prompt = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
                                                           return_tensors="pt")
-        except Exception as e:  # the template's own checks, e.g. roles that must alternate
+        except (TemplateError, ValueError, TypeError) as e:  # the template's own checks, e.g. alternating roles
             raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
         used = prompt["input_ids"].shape[1]
         if used + wanted > served.max_length:

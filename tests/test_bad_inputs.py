@@ -1,5 +1,7 @@
 """Bad input of every kind: exit 2, one line naming the key, file or row and the fix, no traceback, nothing complete."""
 
+import json
+
 import pytest
 import yaml
 
@@ -34,6 +36,15 @@ def pickle_only_model(tmp):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "bert"}')
     (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return str(folder)
+
+
+def remote_code_model(tmp, model_dir):
+    folder = tmp / "custom"
+    folder.mkdir()
+    config = json.loads((model_dir / "config.json").read_text()) | {"auto_map": {"AutoModel": "modeling.Custom"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
     return str(folder)
 
 
@@ -140,6 +151,15 @@ CASES = {
     "quantize with bits 3": (
         lambda t, m: ["quantize", str(m), "--bits", "3"], "--bits/--quant-type: input should be 4 or 8"),
     "merge of a folder that is not a run": (lambda t, m: ["merge", str(t)], "no nlpkit_run.json"),
+    "remote code without trust_remote_code": (
+        lambda t, m: ["finetune", recipe(t, m, model={"name": remote_code_model(t, m)})],
+        "config.json names custom code (auto_map), which runs when loaded; set model.trust_remote_code=true only"),
+    "unknown watchdog mode": (
+        lambda t, m: ["finetune", recipe(t, m), "train.watchdog=ignore"], "train.watchdog: input should be 'stop'"),
+    "resume with no checkpoint": (
+        lambda t, m: ["finetune", recipe(t, m), "--resume"], "has no complete checkpoint yet"),
+    "eval data file missing": (
+        lambda t, m: ["eval", str(m), "--data", str(t / "gone.jsonl")], "gone.jsonl': no such file or folder"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }

@@ -8,6 +8,7 @@ included, goes to stderr. No torch import at module top, so `nlpkit --help` and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import importlib.util
 import json
@@ -30,6 +31,9 @@ STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)
     "sft": "nlpkit.stages.sft",
 }
 
+# A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; everything else on stderr.")]
 
 
@@ -42,8 +46,14 @@ def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], Non
         # Libraries print (Trainer logs): keep stdout for the result, unless the command writes it as it goes (chat).
         with contextlib.redirect_stdout(sys.stderr) if stdout_is_result else contextlib.nullcontext():
             result = work()
-    except NlpkitError as e:
+    except NlpkitError as e:  # exit 2 bad input; 3 the watchdog stopped training
         report.console.print(f"error: {e}", style="red", markup=False)
+        raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        report.console.print(f"error: writing {e.filename or 'the output'} failed: {e.strerror}; free space or choose "
+                             "another --output-dir (nothing was marked complete)", style="red", markup=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         report.console.print("interrupted", markup=False)
@@ -66,19 +76,27 @@ def finetune(
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")] = False,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last complete "
+                                         "checkpoint (same recipe).")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.pt weights (pickle can run code): "
+                                               "model.allow_pickle=true.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Fine-tune a model as the recipe's `stage:` says, and write a run directory."""
+    """Fine-tune a model as the recipe's `stage:` says, and write a run directory.
+
+    Exit codes: 0 done; 2 bad input; 3 the watchdog stopped training (NaN/inf gradients, loss stuck at 0); 1 a bug."""
 
     def work():
         from nlpkit.config import load_recipe
 
         sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
+        sugar += ["model.allow_pickle=true"] if allow_pickle else []
         cfg = load_recipe(recipe, sugar + (overrides or []))
         out = output_dir or Path("runs") / recipe.stem
-        _claim_output_dir(out)
+        if not resume:
+            _claim_output_dir(out)
         stage = importlib.import_module(STAGES[cfg.stage])
-        metrics = stage.run(cfg, out)
+        metrics = stage.run(cfg, out, resume=resume)
         return {"output_dir": str(out), **metrics}
 
     _execute(work, as_json)  # the stage printed the run summary on stderr
@@ -380,7 +398,8 @@ def _stream_answer(model, tokenizer, history: list[dict], max_new_tokens: int) -
 def _claim_output_dir(out: Path) -> None:
     """Never train over an earlier run: its model and metrics would be lost."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir or delete it")
+        raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir, delete it, or add "
+                          "--resume to continue its run")
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -76,6 +76,8 @@ class TrainSection(Section):
     save_total_limit: int | None = Field(1, gt=0)
     completion_only: bool = True  # sft: loss on the answer (and its EOS) only; false trains on the prompt too
     packing: bool = False  # sft: pack examples into full-length rows (faster, mixes examples in one row)
+    # NaN/inf gradients or a loss stuck at exactly 0: stop (exit 3, last good checkpoint kept) or only warn.
+    watchdog: Literal["stop", "warn"] = "stop"
     # Other TrainingArguments fields, passed through as they are; names are checked against the class.
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -86,7 +88,7 @@ class TrainSection(Section):
         copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                   "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
                   "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
-                  "save_strategy", "save_steps", "save_total_limit")
+                  "save_strategy", "save_steps")
         return {
             "output_dir": str(output_dir / "checkpoints"),
             **{name: getattr(self, name) for name in copied},
@@ -94,6 +96,9 @@ class TrainSection(Section):
             "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
             "eval_strategy": self.eval_strategy if has_eval else "no",
             "report_to": "none",
+            # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
+            "save_total_limit": None,
+            "logging_nan_inf_filter": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
             **self.extra,
         }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ EMBEDDED = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def resolve_model(ref: str, allow_pickle: bool = False) -> str:
+def resolve_model(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
     """Return a local directory for an alias or directory, or the hub id unchanged. Raises NlpkitError otherwise."""
     if ref in EMBEDDED:
         return str(embedded_model_dir(ref))
@@ -49,6 +50,7 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> str:
         if not (path / "config.json").is_file():
             raise NlpkitError(f"model {ref}: directory has no config.json; point model.name at a saved model or run")
         _refuse_pickle(path, allow_pickle)
+        _refuse_remote_code(path, trust_remote_code)
         return str(path)
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise NlpkitError(f"model {ref}: no such directory (a model is a directory with config.json)")
@@ -116,8 +118,17 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
     if pickles and not has_safetensors and not allow_pickle:
         raise NlpkitError(
             f"model {path}: only pickle weights ({', '.join(sorted(pickles))}), which can run code when loaded; "
-            "convert them to safetensors, or set model.allow_pickle=true if you trust the source"
+            "convert them to safetensors, or pass --allow-pickle (model.allow_pickle=true) if you trust the source"
         )
+
+
+def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    # An auto_map names Python files shipped with the model: loading it would run them.
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if not trust_remote_code and file.is_file() and "auto_map" in json.loads(file.read_text()):
+            raise NlpkitError(f"model {path}: {name} names custom code (auto_map), which runs when loaded; set "
+                              "model.trust_remote_code=true only if you trust the source")
 
 
 def _did_you_mean(ref: str) -> str:
@@ -169,7 +180,7 @@ def load_tokenizer(model_cfg):
 
 
 def _from_pretrained(auto_class, model_cfg, **kwargs):
-    source = resolve_model(model_cfg.name, model_cfg.allow_pickle)
+    source = resolve_model(model_cfg.name, model_cfg.allow_pickle, model_cfg.trust_remote_code)
     try:
         return auto_class.from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **kwargs

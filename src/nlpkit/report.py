@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -24,6 +25,8 @@ from nlpkit.errors import NlpkitError
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line, whatever the width
 PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
 MANIFEST = "nlpkit_run.json"
+# Names of keys and environment variables that hold secrets: HF_TOKEN, hub_token, WANDB_API_KEY, db_password.
+SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
 
 
 def info(message: str) -> None:
@@ -76,6 +79,29 @@ def write_json(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
+def redact(payload):
+    """Secrets never reach a run directory: values under secret-looking keys (train.extra.hub_token=...) and any
+    occurrence of a secret-looking environment variable's value (HF_TOKEN, WANDB_API_KEY) become "***"."""
+    secrets = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
+
+    def clean(value, key=""):
+        if isinstance(value, dict):
+            return {k: clean(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str):
+            if SECRET_NAME.search(key) and value:
+                return "***"
+            name, equals, _ = value.partition("=")  # a KEY=VALUE override in the command line
+            if equals and SECRET_NAME.search(name.rsplit(".", 1)[-1]):
+                return f"{name}=***"
+            for secret in secrets:
+                value = value.replace(secret, "***")
+        return value
+
+    return clean(payload)
+
+
 def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: list, started: float) -> None:
     """Write the plots, metrics.json (with the summary), the model card, and last the manifest: a run with a
     manifest is complete. Prints the summary on stderr. Adds `summary` to `metrics` in place, so `--json` has it."""
@@ -114,6 +140,7 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
         "peak_memory_mb": peak,
         "complete": True,
     }
+    manifest = redact(manifest)
     (output_dir / "README.md").write_text(model_card(manifest, metrics))
     write_json(output_dir / MANIFEST, manifest)
     print_summary(metrics["summary"])
@@ -292,12 +319,19 @@ TensorBoard: `tensorboard --logdir tensorboard` in this folder.
 
 
 def jsonl_log_callback(path: Path):
-    """A TrainerCallback appending every log event (loss, lr, eval metrics) to train_log.jsonl on the main process."""
+    """A TrainerCallback appending every log event (loss, lr, eval metrics) to train_log.jsonl on the main process.
+
+    Build it after training.resume_point has cut the log back to the checkpoint: a resumed run then never writes a
+    line for a step the log already holds (sft's step-0 evaluation of the base model, run again on resume).
+    """
     from transformers import TrainerCallback
+
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last_step = json.loads(lines[-1])["step"] if lines else 0
 
     class JsonlLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
+            if state.is_world_process_zero and logs and state.global_step >= last_step:
                 with path.open("a") as f:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nlpkit import report
+from nlpkit import report, training
 from nlpkit.adapters import apply_peft, load_adapter_run
 from nlpkit.config import ModelSection, Recipe, validate_recipe
 from nlpkit.data import (
@@ -38,11 +38,12 @@ SAMPLE_TEXTS = [  # inputs for merge's logits check: varied lengths, a pair-free
 ]
 
 
-def run(cfg: Recipe, output_dir: Path) -> dict:
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     """Fine-tune, evaluate, save model + tokenizer + manifest + metrics into output_dir. Returns the final metrics."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
     started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)  # before the model exists: the new head's random init is part of the run
     data = cfg.data
     train_rows = open_source(data.train, "train", "data.train", data.mirror)
@@ -79,9 +80,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
         compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, labels, full=False),
         callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl"), report.tensorboard_callback(output_dir)],
     )
-    train_result = trainer.train()
-
-    metrics = {"train_loss": train_result.training_loss, **report.throughput(train_result.metrics)}
+    metrics = training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:
         prediction = trainer.predict(eval_set)
         metrics |= {"eval_loss": prediction.metrics["test_loss"],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nlpkit import report
+from nlpkit import report, training
 from nlpkit.adapters import apply_peft, load_adapter_run
 from nlpkit.config import ModelSection, Recipe, validate_recipe
 from nlpkit.data import Rows, default_eval_source, detect_sft_format, open_source, sft_example, subsample
@@ -27,11 +27,12 @@ MODEL_CLASS = "AutoModelForCausalLM"
 SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
 
 
-def run(cfg: Recipe, output_dir: Path) -> dict:
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTTrainer
 
     started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
     tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template)
     train_rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
@@ -57,8 +58,7 @@ def run(cfg: Recipe, output_dir: Path) -> dict:
     metrics = {}
     if eval_set is not None:  # LoRA starts with B = 0, so before training the model is the base model
         metrics["eval_loss_base"] = trainer.evaluate()["eval_loss"]
-    train_result = trainer.train()
-    metrics |= {"train_loss": train_result.training_loss, **report.throughput(train_result.metrics)}
+    metrics |= training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         prompts = [row["prompt"] for row in eval_set.select(range(min(len(eval_set), cfg.generation.eos_check_prompts)))
@@ -98,8 +98,8 @@ def evaluate_lm(model_ref: str, data_spec: str, mirror: str | None) -> dict:
     run_dir = Path(model_ref)
     manifest = report.read_manifest(run_dir) if (run_dir / report.MANIFEST).is_file() else None
     cfg = validate_recipe(manifest["config"], source=f"{run_dir}/{report.MANIFEST}") if manifest else None
+    rows = open_source(data_spec, "test", "--data", mirror)  # a wrong path answers before a model loads
     model, tokenizer = load_lm(model_ref)
-    rows = open_source(data_spec, "test", "--data", mirror)
     dataset = examples(rows, detect_sft_format(rows, "auto"), None, 0)
     bf16 = manifest["task"]["bf16"] if manifest else bf16_is_fast()
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,0 +1,202 @@
+"""What every Trainer-based stage shares: committed checkpoints, `--resume`, and the training watchdog.
+
+Trainer writes `checkpoint-N/` in place, file by file, so a run killed mid-save leaves a folder that looks like a
+checkpoint and cannot be loaded. We commit a checkpoint instead: once Trainer has written all of it (weights,
+optimizer, scheduler, RNG states, trainer_state.json), `on_save` writes `nlpkit_checkpoint.json` into it, atomically
+and last. `--resume` only considers committed checkpoints, so it never picks up a half-written one.
+
+The watchdog looks at the gradients before every optimizer step: a NaN or inf stops the run before it reaches the
+weights, so the last checkpoint and the model in memory stay good. A loss of exactly 0 over several logs means every
+label is masked. Either stops the run (exit code 3) with what to change, or only warns (`train.watchdog: warn`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from nlpkit import report
+from nlpkit.errors import NlpkitError, TrainingStopped
+
+MARKER = "nlpkit_checkpoint.json"
+# Keys that may change between a run and its --resume: they change when things are logged, saved or evaluated,
+# never what is trained. Any other change would make the resumed run a different run.
+RESUMABLE_CHANGES = {"train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
+                     "train.per_device_eval_batch_size", "train.watchdog", "generation.eos_check_prompts",
+                     "generation.max_new_tokens"}
+ZERO_LOSS_LOGS = 3  # consecutive logged losses of exactly 0 before the watchdog calls the labels masked
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"  # TrainSection.trainer_kwargs points Trainer's output_dir here
+
+
+def fit(trainer, cfg, checkpoint: Path | None) -> dict:
+    """trainer.train() with committed checkpoints and the watchdog, from `checkpoint` (see resume_point) if given.
+
+    Returns train_loss over the whole run (Trainer's own covers only the steps since the resume) and throughput.
+    """
+    trainer.add_callback(commit_callback(cfg))
+    trainer.add_callback(watchdog_callback(cfg.train.watchdog))
+    trainer.add_callback(epoch_seed_callback(cfg.train.seed))
+    start_step = json.loads((checkpoint / MARKER).read_text())["step"] if checkpoint else 0
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    steps = trainer.state.global_step
+    # Loss summed before the checkpoint, from the logged windows (exact when checkpoints fall on logging steps).
+    before = _logged_loss_sum(trainer.state.log_history, start_step)
+    train_loss = (before + result.training_loss * (steps - start_step)) / max(steps, 1)
+    return {"train_loss": train_loss, **report.throughput(result.metrics)}
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
+    """With --resume, the newest committed checkpoint of output_dir, once the recipe is checked to describe the same
+    run; call it before loading anything, so a refused resume answers at once. Drops what the killed run wrote
+    after that checkpoint: partial checkpoints and log lines the resumed run writes again."""
+    if not resume:
+        return None
+    if (output_dir / report.MANIFEST).is_file():
+        raise NlpkitError(f"--resume: {output_dir} holds a finished run; nothing to resume. Train into another "
+                          "--output-dir to start again")
+    checkpoints = committed(checkpoints_dir(output_dir))
+    if not checkpoints:
+        raise NlpkitError(f"--resume: {output_dir} has no complete checkpoint yet (train.save_strategy/save_steps "
+                          "decide when one is written); run again without --resume into an empty --output-dir")
+    latest = checkpoints[-1]
+    saved = json.loads((latest / MARKER).read_text())["config"]
+    now = report.redact(cfg.model_dump(mode="json"))
+    changed = [key for key in _diff(saved, now) if key not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(changed[:5])
+        raise NlpkitError(f"--resume: the recipe changed since {latest.name} ({shown}); resume with the recipe the "
+                          "run started with (see its checkpoint's nlpkit_checkpoint.json), or train into a new "
+                          "--output-dir")
+    for partial in checkpoints_dir(output_dir).glob("checkpoint-*"):
+        if not (partial / MARKER).is_file():  # written when the run was killed: never loadable, never picked
+            shutil.rmtree(partial, ignore_errors=True)
+    step = json.loads((latest / MARKER).read_text())["step"]
+    _truncate_log(output_dir / "train_log.jsonl", step)
+    report.info(f"resuming from {latest} (step {step})")
+    return latest
+
+
+def committed(checkpoints: Path) -> list[Path]:
+    """Checkpoints whose commit marker exists, oldest first."""
+    found = [p for p in checkpoints.glob("checkpoint-*") if (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: json.loads((p / MARKER).read_text())["step"])
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix]
+    keys = sorted(set(old) | set(new))
+    return [k for key in keys for k in _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint: the resumed run writes them again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_loss_sum(log_history: list[dict], up_to_step: int) -> float:
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= up_to_step:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+def commit_callback(cfg):
+    from transformers import TrainerCallback
+
+    class CommitCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                config = report.redact(cfg.model_dump(mode="json"))
+                report.write_json(folder / MARKER, {"step": state.global_step, "config": config})
+                # Only now, with a newer checkpoint committed, may old ones go (train.save_total_limit).
+                keep = cfg.train.save_total_limit
+                for old in committed(Path(args.output_dir))[:-keep] if keep else []:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return CommitCheckpoint()
+
+
+def epoch_seed_callback(seed: int):
+    """Draw each epoch's length-grouped batch order from seed + epoch, not from the global RNG.
+
+    Trainer's LengthGroupedSampler shuffles with the global RNG, whose state at an epoch's start depends on every step
+    before it; a run resumed mid-epoch restores the RNG of the checkpoint instead and would see other batches.
+    Seeding by epoch (as accelerate does for random sampling) makes the order a function of the epoch alone.
+    """
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    def samplers(loader):
+        for holder in (loader, getattr(loader, "batch_sampler", None)):
+            for name in ("sampler", "batch_sampler"):
+                found = getattr(holder, name, None)
+                yield found
+                yield getattr(found, "sampler", None)
+
+    class EpochSeed(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            epoch = math.floor((state.epoch or 0) + 1e-6)  # resumed mid-epoch: 3.33 -> 3; fresh: 3.0 -> 3
+            for sampler in samplers(train_dataloader):
+                if isinstance(sampler, LengthGroupedSampler):
+                    sampler.generator = torch.Generator().manual_seed(seed + epoch)
+
+    return EpochSeed()
+
+
+def watchdog_callback(mode: str):
+    import torch
+    from transformers import TrainerCallback
+
+    def trip(message: str):
+        if mode == "stop":
+            raise TrainingStopped(message)
+        report.warn(message)
+
+    class Watchdog(TrainerCallback):
+        zero_logs = 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+            if not math.isfinite(norm):
+                trip(f"gradient norm is {norm} at step {state.global_step + 1}, so the weights were not updated. "
+                     f"Train again into a new --output-dir with a lower train.learning_rate, or check the data of "
+                     f"that step; {last_checkpoint(args.output_dir)}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            if not math.isfinite(loss):
+                trip(f"training loss is {loss} at step {state.global_step}; lower train.learning_rate or check "
+                     f"the data; {last_checkpoint(args.output_dir)}")
+            self.zero_logs = self.zero_logs + 1 if loss == 0.0 else 0
+            if self.zero_logs == ZERO_LOSS_LOGS:
+                trip(f"training loss has been exactly 0 for {ZERO_LOSS_LOGS} logs (step {state.global_step}): no "
+                     "label is trained on. Check the label column, or for sft train.completion_only and "
+                     "data.max_length (`nlpkit data check`)")
+
+    return Watchdog()
+
+
+def last_checkpoint(checkpoints: str) -> str:
+    saved = committed(Path(checkpoints))
+    return f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before this step"

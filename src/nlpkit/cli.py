@@ -168,7 +168,7 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         stage = importlib.import_module(STAGES[cfg.stage])
         return {"output_dir": str(out), **stage.run(cfg, out, resume=resume)}
 
-    _execute(work, as_json, show=_show_run)
+    _execute(work, as_json)  # the stage printed the run summary on stderr
 
 
 @app.command("eval")
@@ -274,6 +274,71 @@ def chat(
     _execute(work, as_json=False, stdout_is_result=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A classify or sft run directory, or a model (alias, directory).")],
+    host: Annotated[str, typer.Option("--host", help="Loopback by default: only this machine can connect.")] =
+    "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NLPKIT_API_KEY",
+                                                   help="Require `Authorization: Bearer KEY` on /v1/*.")] = None,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1,
+                                                  help="Most tokens one chat answer may ask for.")] = 512,
+    max_request_kb: Annotated[int, typer.Option("--max-request-kb", min=1,
+                                                help="Larger request bodies get 413.")] = 64,
+):
+    """Serve a model over HTTP: OpenAI-style /v1/chat/completions or /v1/classify, /health, and a page at /."""
+
+    def work():
+        from nlpkit import serve as serving
+
+        served = serving.load_served(model)
+        serving.run_server(served, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                           max_request_bytes=max_request_kb * 1024)
+        return {}
+
+    _execute(work, as_json=False, stdout_is_result=False)
+
+
+@app.command()
+def embed(
+    model: Annotated[str, typer.Argument(help="An encoder: alias (minilm), model directory, or a classify run.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="The texts (--similar) or the words A B C (--analogy).",
+                                                         show_default=False)] = None,
+    similar: Annotated[bool, typer.Option("--similar", help="Rank TEXT 2..n by cosine similarity to TEXT 1.")] = False,
+    analogy: Annotated[bool, typer.Option("--analogy", help="Words closest to A - B + C (king man woman).")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Analogy candidates to list.")] = 10,
+    as_json: JsonOpt = False,
+):
+    """Sentence similarity and word analogies with an encoder's mean-pooled embeddings (the embeddings lab)."""
+
+    def work():
+        from nlpkit import embed as embedding
+
+        given = texts or []
+        if similar == analogy:
+            raise NlpkitError("nlpkit embed: choose one of --similar TEXT TEXT... or --analogy A B C")
+        if analogy and len(given) != 3:
+            raise NlpkitError(f"--analogy: takes three words A B C for A - B + C (got {len(given)}), e.g. "
+                              "--analogy king man woman")
+        encoder, tokenizer = embedding.load_encoder(model)
+        if similar:
+            return embedding.similar(encoder, tokenizer, given)
+        return embedding.analogy(encoder, tokenizer, *given, top_k=top_k)
+
+    def show(result):
+        if "ranked" in result:
+            print(f"most similar to: {result['query']}")
+            for row in result["ranked"]:
+                print(f"  {row['cosine']:+.3f}  {row['text']}")
+        else:
+            print(f"{result['analogy']} ~ (of {result['vocabulary_size']:,} whole-word tokens)")
+            for row in result["candidates"]:
+                print(f"  {row['cosine']:.3f}  {row['word']}")
+
+    _execute(work, as_json, show=show)
+
+
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -305,6 +370,32 @@ def data_check(
         _show_tree(result)
 
     _execute(work, as_json, show=show)
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, as for finetune.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="As for finetune: peft.method=lora.")] = False,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="As for finetune: quant.bits=N.")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="A budget (8GB, 900MB): suggestions when the "
+                                                  "estimate is over it.")] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes: global "
+                                               "batch and per-process memory.")] = 1,
+    as_json: JsonOpt = False,
+):
+    """Preflight without training: resolved config, parameter counts, and a peak-memory estimate by component."""
+
+    def work():
+        from nlpkit import plan as planning
+        from nlpkit.config import load_recipe
+
+        budget = planning.parse_memory(memory) if memory is not None else None
+        sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
+        cfg = load_recipe(recipe, sugar + (overrides or []))
+        return planning.plan(cfg, num_processes=num_processes, memory_mb=budget)
+
+    _execute(work, as_json, show=_show_plan)
 
 
 @app.command()
@@ -386,13 +477,26 @@ def _claim_output_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _show_run(result: dict) -> None:
+def _show_plan(result: dict) -> None:
+    import yaml
+
     from nlpkit import report
 
-    _show_metrics(result)
-    out = result["output_dir"]
-    report.info(f"saved to {out}/ (model, tokenizer, nlpkit_run.json, metrics.json, train_log.jsonl, README.md)")
-    report.info(f"next: nlpkit eval {out} --data FILE --json")
+    report.info(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
+    params, batch, memory = result["parameters"], result["batch"], result["memory_mb"]
+    report.info(f"parameters: {params['trainable']:,} trainable of {params['total']:,} ({params['trainable_percent']}%)")
+    report.info(f"batch: {batch['per_device']} per device x {batch['num_processes']} process(es) x "
+                f"{batch['gradient_accumulation_steps']} accumulation = {batch['global']} global")
+    report.info(f"precision: {result['precision']}; train rows: {result['data']['train_rows']:,}")
+    per = " per process" if batch["num_processes"] > 1 else ""
+    report.info(f"estimated peak memory{per}: {memory['total']:,.0f} MB")
+    for key, value in memory.items():
+        if key != "total" and value:
+            report.info(f"  {key:16s} {value:9,.0f} MB")
+    if "fits" in result:
+        report.info(f"budget {result['budget_mb']:,.0f} MB: {'fits' if result['fits'] else 'does NOT fit'}")
+    for s in result.get("suggestions", []):
+        report.info(f"  try {s['override']:60s} ~{s['estimate_mb']:,.0f} MB{' (fits)' if s['fits'] else ''}: {s['why']}")
 
 
 def _show_metrics(result: dict) -> None:

@@ -1,4 +1,6 @@
-"""What a run leaves behind: nlpkit_run.json (manifest), metrics.json, train_log.jsonl, and a README.md model card.
+"""What a run leaves behind: nlpkit_run.json (manifest), metrics.json, train_log.jsonl, loss.png (and
+confusion_matrix.png for classifiers), TensorBoard events in tensorboard/, and a README.md model card; plus the
+end-of-run summary on stderr, the same figures as metrics.json's `summary`.
 
 Human output goes to stderr, so `--json` can own stdout. Files are written to a temporary name and renamed, so a
 killed run never leaves a half-written JSON file.
@@ -109,14 +111,35 @@ def redact(payload):
 
 
 def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: list, started: float) -> None:
-    """Write metrics.json, the model card, and last the manifest: a run with a manifest is complete."""
+    """Write the plots, metrics.json (with the summary), the model card, and last the manifest: a run with a
+    manifest is complete. Prints the summary on stderr. Adds `summary` to `metrics` in place, so `--json` has it.
+    Under --num-processes only the main process writes."""
     if not is_main_process():
         return
+    wall, peak = round(time.time() - started, 1), round(peak_memory_mb(), 1)
+    log = read_log(output_dir / "train_log.jsonl")
+    pictures = [name for name, written in (
+        ("loss.png", plot_loss(log, metrics, output_dir / "loss.png")),
+        ("confusion_matrix.png", plot_confusion(metrics.get("eval_confusion_matrix"),
+                                                output_dir / "confusion_matrix.png")),
+    ) if written]
+    metrics["summary"] = {
+        "wall_seconds": wall,
+        "peak_memory_mb": peak,
+        "throughput": throughput(metrics),
+        "best": best_metrics(log),
+        "final": {k: v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in throughput(metrics)},
+        "output_dir": str(output_dir),
+        "plots": pictures,
+        "tensorboard": f"tensorboard --logdir {output_dir / 'tensorboard'}",
+        "next": next_commands(cfg.stage, output_dir),
+    }
     write_json(output_dir / "metrics.json", metrics)
     manifest = {
         "nlpkit_version": versions()["nlpkit"],
         "stage": cfg.stage,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": [_program(), *sys.argv[1:]],
         "config": cfg.model_dump(mode="json"),
         "task": task,
         "seed": cfg.train.seed,
@@ -124,13 +147,126 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
                      for rows in datasets],
         "versions": versions(),
         "device": device_description(),
-        "wall_seconds": round(time.time() - started, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "wall_seconds": wall,
+        "peak_memory_mb": peak,
         "complete": True,
     }
     manifest = redact(manifest)
     (output_dir / "README.md").write_text(model_card(manifest, metrics))
     write_json(output_dir / MANIFEST, manifest)
+    print_summary(metrics["summary"])
+
+
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "nlpkit" if name == "__main__.py" else name  # `python -m nlpkit` reproduces as `nlpkit`
+
+
+def next_commands(stage: str, output_dir: Path) -> list[str]:
+    if stage == "sft":
+        return [f'nlpkit chat {output_dir} --prompt "What is the capital of France?"', f"nlpkit serve {output_dir}"]
+    return [f"nlpkit eval {output_dir} --data FILE --json", f"nlpkit serve {output_dir}"]
+
+
+def print_summary(summary: dict) -> None:
+    """The end-of-run report a person reads: final and best metrics, speed, memory, time, files, what next."""
+    info("")
+    info("run summary")
+    for key, value in summary["final"].items():
+        info(f"  {key:30s} {_number(value)}")
+    for key, best in summary["best"].items():
+        info(f"  best {key:25s} {_number(best['value'])} at step {best['step']}")
+    for key, value in summary["throughput"].items():
+        info(f"  {key:30s} {_number(value)}")
+    info(f"  {'peak memory (RSS)':30s} {summary['peak_memory_mb']:.0f} MB")
+    info(f"  {'wall time':30s} {summary['wall_seconds']:.1f} s")
+    info(f"saved to {summary['output_dir']}/: model, tokenizer, metrics.json, train_log.jsonl, "
+         f"{', '.join(summary['plots'] + ['tensorboard/', 'README.md', MANIFEST])}")
+    info(f"plots over time: {summary['tensorboard']}")
+    for command in summary["next"]:
+        info(f"next: {command}")
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------- training log
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def best_metrics(log: list[dict]) -> dict:
+    """For each eval metric logged during training: its best value and the step (lowest loss/mse, highest else)."""
+    best = {}
+    for entry in log:
+        for key, value in entry.items():
+            if not key.startswith("eval_") or not isinstance(value, (int, float)) or key.endswith(
+                    ("_runtime", "_per_second", "_samples")):
+                continue
+            lower_is_better = key.endswith(("loss", "mse", "perplexity"))
+            if key not in best or (value < best[key]["value"] if lower_is_better else value > best[key]["value"]):
+                best[key] = {"value": value, "step": entry["step"]}
+    return best
+
+
+def plot_loss(log: list[dict], metrics: dict, path: Path) -> bool:
+    """Train loss (and eval loss where logged, plus the final eval) against steps. False when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e]
+    last_step = max((e["step"] for e in log), default=0)
+    if isinstance(metrics.get("eval_loss"), float) and (not evals or evals[-1][0] != last_step):
+        evals.append((last_step, metrics["eval_loss"]))  # the end-of-run evaluation is not always in the log
+    if not train and not evals:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_confusion(confusion: dict | None, path: Path) -> bool:
+    """The eval confusion matrix as a heat map with counts (rows: true label, columns: predicted)."""
+    if not confusion:
+        return False
+    plt = _pyplot()
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    size = max(3.5, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and lab machines
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -144,13 +280,36 @@ def model_card(manifest: dict, metrics: dict) -> str:
     cfg = manifest["config"]
     scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalar.items())
+    summary = metrics.get("summary", {})
+    best = "\n".join(f"| best {k} | {b['value']:.4f} (step {b['step']}) |" for k, b in summary.get("best", {}).items())
+    plots = "\n".join(f"![{name[:-4]}]({name})" for name in summary.get("plots", []))
     labels = manifest["task"].get("labels")
+    adapter = cfg["peft"]["method"] if cfg.get("peft") else "none (full fine-tuning)"
+    quant = f"{cfg['quant']['bits']}-bit" if cfg.get("quant") else "no"
+    if cfg["stage"] == "sft":
+        what = f"- Format: {manifest['task'].get('format')}"
+        use = """```bash
+nlpkit chat path/to/this/folder --prompt "What is the capital of France?"
+nlpkit serve path/to/this/folder      # OpenAI-compatible /v1/chat/completions and a page at /
+```"""
+    else:
+        what = f"- Labels: {', '.join(labels) if labels else 'regression target'}"
+        use = """```python
+from transformers import pipeline
+classifier = pipeline("text-classification", model="path/to/this/folder")  # a full fine-tune; adapters: nlpkit serve
+```
+
+```bash
+nlpkit serve path/to/this/folder      # /v1/classify and a page at /
+```"""
     return f"""# {cfg['stage']} fine-tune of `{cfg['model']['name']}`
 
-Trained with nlpkit {manifest['nlpkit_version']} on {manifest['device']} in {manifest['wall_seconds']} s.
+Trained with nlpkit {manifest['nlpkit_version']} on {manifest['device']} in {manifest['wall_seconds']} s, peak memory
+{manifest['peak_memory_mb']:.0f} MB.
 
 - Training data: `{cfg['data']['train']}`; evaluation data: `{cfg['data'].get('eval') or 'the catalog eval split'}`
-- Labels: {', '.join(labels) if labels else 'regression target'}
+{what}
+- Adapter: {adapter}; quantized base: {quant}
 - Reproduce: `{' '.join(manifest['command'])}` (the full resolved config is in `nlpkit_run.json`)
 
 ## Metrics
@@ -158,13 +317,15 @@ Trained with nlpkit {manifest['nlpkit_version']} on {manifest['device']} in {man
 | metric | value |
 |---|---|
 {rows}
+{best}
+
+{plots}
+
+TensorBoard: `tensorboard --logdir tensorboard` in this folder.
 
 ## Use
 
-```python
-from transformers import pipeline
-classifier = pipeline("text-classification", model="path/to/this/folder")
-```
+{use}
 """
 
 
@@ -186,3 +347,12 @@ def jsonl_log_callback(path: Path):
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
     return JsonlLog()
+
+
+def tensorboard_callback(output_dir: Path):
+    """Trainer's own TensorBoard callback, writing to OUTPUT_DIR/tensorboard (its default is under the checkpoints)."""
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(output_dir / "tensorboard")
+    return callback

@@ -1,0 +1,529 @@
+"""`nlpkit serve`: a FastAPI app around one model, and one static page to try it.
+
+    nlpkit serve runs/sft-dolly                       # a causal LM: /v1/chat/completions (OpenAI-compatible)
+    nlpkit serve runs/sst2 --port 8001                # a classifier: /v1/classify
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+
+Endpoints: `GET /health`, `GET /` (the page), `POST /v1/chat/completions` (with `"stream": true`: server-sent events
+as OpenAI sends them, `data: {...}` chunks and a closing `data: [DONE]`), `POST /v1/classify`. Errors are OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status that says whose fault it is.
+
+One model, one lock: work runs one piece at a time on the model. On a few CPU cores two forward passes side by side
+only fight over the same cores, and the lock keeps peak memory at one batch's worth. Requests that arrive while the
+model is busy are batched: one forward pass for every text queued (up to 64), and one generate() call for up to 16
+chat answers (each streamed on its own, stopped at its own EOS or max_tokens). That is what keeps latency down when
+many requests come at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from jinja2 import TemplateError
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from nlpkit.errors import NlpkitError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Served:
+    """A loaded model and what the endpoints need to know about it."""
+
+    name: str
+    task: Literal["chat", "classify"]
+    model: Any
+    tokenizer: Any
+    max_length: int  # classify: inputs are truncated to it; chat: the context window (prompt + answer)
+    labels: list[str] = field(default_factory=list)  # classify; empty for a regression head
+    problem_type: str = "single_label_classification"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_served(ref: str) -> Served:
+    """A run directory (classify or sft), an embedded alias, or a model directory -> a Served model."""
+    from nlpkit import report
+    from nlpkit.stages import classify, sft
+
+    path = Path(ref)
+    if (path / report.MANIFEST).is_file():
+        manifest = report.read_manifest(path)
+        if manifest["stage"] == "classify":
+            from transformers import AutoTokenizer
+
+            task = manifest["task"]
+            model = classify.load_classifier(path).eval()
+            return Served(ref, "classify", model, AutoTokenizer.from_pretrained(path), task["max_length"],
+                          task["labels"] or [], task["problem_type"])
+    kind = _model_kind(ref)
+    if kind == "classify":
+        from transformers import AutoModelForSequenceClassification
+
+        from nlpkit.config import ModelSection
+        from nlpkit.models import load_model, load_tokenizer
+
+        model_cfg = ModelSection(name=ref)
+        model = load_model(AutoModelForSequenceClassification, model_cfg).eval()
+        tokenizer = load_tokenizer(model_cfg)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        problem = model.config.problem_type or "single_label_classification"
+        return Served(ref, "classify", model, tokenizer, min(tokenizer.model_max_length, 512), labels, problem)
+    model, tokenizer = sft.load_lm(ref)
+    return Served(ref, "chat", model, tokenizer, model.config.max_position_embeddings)
+
+
+def _model_kind(ref: str) -> str:
+    """Chat or classify, from the saved config's architectures; an encoder without a head can serve neither."""
+    from transformers import AutoConfig
+
+    from nlpkit.models import resolve_model
+
+    architectures = AutoConfig.from_pretrained(resolve_model(ref)).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "classify"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "chat"
+    raise NlpkitError(f"MODEL {ref}: a {', '.join(architectures) or 'headless'} model has no classification or "
+                      "language-model head to serve; fine-tune a classifier first (nlpkit finetune "
+                      "recipes/classify-sst2.yaml) and serve the run directory, or try `nlpkit embed` for an encoder")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    # OpenAI clients send fields we have no use for (user, stream_options, ...): accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)  # the newer OpenAI name for max_tokens
+    temperature: float = Field(0.0, ge=0, le=2)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    n: Literal[1] = 1  # one answer per request
+    stream: bool = False
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str | list[str] = Field(min_length=1)  # a text, or a batch of texts
+    model: str | None = None
+
+
+def api_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def create_app(served: Served, *, api_key: str | None = None, max_request_bytes: int = 64_000,
+               max_tokens_limit: int = 512, max_batch: int = 64, max_chat_batch: int = 16) -> FastAPI:
+    """The app for one served model. `api_key` guards /v1/* (the page and /health stay open, the page asks for it)."""
+    app = FastAPI(title=f"nlpkit serve {served.name}", docs_url="/docs", redoc_url=None)
+    app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
+    batcher = _ClassifyBatcher(served, max_batch) if served.task == "classify" else None
+    chat_batcher = _ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return api_error(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return api_error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
+                             code="json_invalid")
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
+                             for err in e.errors())
+        return api_error(400, problems, param=param, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return api_error(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": served.name, "task": served.task, "labels": served.labels,
+                "max_tokens_limit": max_tokens_limit if served.task == "chat" else None,
+                "api_key_required": api_key is not None}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return resources.files("nlpkit").joinpath("static/index.html").read_text()
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest):
+        if served.task != "classify":
+            raise ApiError(400, f"{served.name} is a causal LM: it answers on /v1/chat/completions, not "
+                                "/v1/classify", code="wrong_endpoint")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > max_batch:
+            raise ApiError(400, f"input: {len(texts)} texts; at most {max_batch} per request", param="input")
+        results = await asyncio.wrap_future(batcher.submit(texts))
+        return {"object": "list", "model": served.name, "data": results}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):  # async: a waiting answer holds no thread, so any number can queue
+        if served.task != "chat":
+            raise ApiError(400, f"{served.name} is a classifier: it answers on /v1/classify, not "
+                                "/v1/chat/completions", code="wrong_endpoint")
+        wanted = body.max_completion_tokens or body.max_tokens or max_tokens_limit
+        if wanted > max_tokens_limit:
+            raise ApiError(400, f"max_tokens: {wanted} is above this server's limit of {max_tokens_limit} "
+                                "(nlpkit serve --max-tokens-limit); ask for fewer", param="max_tokens")
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            prompt = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                                          return_tensors="pt")
+        except (TemplateError, ValueError, TypeError) as e:  # the template's own checks, e.g. alternating roles
+            raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
+        used = prompt["input_ids"].shape[1]
+        if used + wanted > served.max_length:
+            raise ApiError(400, f"messages: the prompt is {used} tokens, and with max_tokens {wanted} it exceeds the "
+                                f"model's context of {served.max_length} tokens; shorten it or ask for fewer tokens",
+                           param="messages", code="context_length_exceeded")
+        stream = chat_batcher.submit(prompt["input_ids"][0].tolist(), wanted, body.temperature, body.top_p,
+                                     body.seed, loop=asyncio.get_running_loop())
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": completion_id, "created": created, "model": served.name}
+        if body.stream:
+            return StreamingResponse(_sse(stream, head), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text = "".join([piece async for piece in stream])
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": stream.finish_reason}],
+                "usage": {"prompt_tokens": used, "completion_tokens": stream.completion_tokens,
+                          "total_tokens": used + stream.completion_tokens}}
+
+    return app
+
+
+def classify_texts(served: Served, texts: list[str]) -> list[dict]:
+    """Scores for each text: softmax over labels (single-label), a sigmoid per label (multi-label), or the value."""
+    import torch
+
+    batch = served.tokenizer(texts, truncation=True, max_length=served.max_length, padding=True, return_tensors="pt")
+    with served.lock, torch.inference_mode():
+        logits = served.model(**batch).logits.float()
+    results = []
+    for index, row in enumerate(logits):
+        if served.problem_type == "regression":
+            results.append({"index": index, "value": row[0].item()})
+            continue
+        probs = row.sigmoid() if served.problem_type == "multi_label_classification" else row.softmax(-1)
+        scores = sorted(({"label": label, "score": p} for label, p in zip(served.labels, probs.tolist())),
+                        key=lambda s: -s["score"])
+        results.append({"index": index, "label": scores[0]["label"], "score": scores[0]["score"], "scores": scores})
+    return results
+
+
+class _ClassifyBatcher:
+    """One worker thread runs the model; requests queue their texts and wait on a future. Each pass takes every
+    request waiting (up to max_batch texts), so a burst of requests costs a few forward passes, not one each."""
+
+    def __init__(self, served: Served, max_batch: int):
+        self.served, self.max_batch = served, max_batch
+        self.waiting: queue.Queue[tuple[list[str], Future]] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="nlpkit-classify").start()
+
+    def submit(self, texts: list[str]) -> Future:
+        done: Future = Future()
+        self.waiting.put((texts, done))
+        return done
+
+    def _work(self):
+        while True:
+            batch = [self.waiting.get()]
+            size = len(batch[0][0])
+            while True:
+                try:
+                    texts, done = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if size + len(texts) > self.max_batch:
+                    self.waiting.put((texts, done))  # next pass; order within a burst does not matter
+                    break
+                batch.append((texts, done))
+                size += len(texts)
+            try:
+                results = classify_texts(self.served, [t for texts, _ in batch for t in texts])
+            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
+                for _, done in batch:
+                    done.set_exception(e)
+                continue
+            start = 0
+            for texts, done in batch:
+                mine = results[start:start + len(texts)]
+                done.set_result([{**r, "index": i} for i, r in enumerate(mine)])
+                start += len(texts)
+
+
+class ChatJob:
+    """One chat answer: iterating yields its text as it is generated; afterwards `finish_reason` ("stop" at EOS,
+    "length" at max_tokens) and `completion_tokens` are set. `close()` (a client gone) drops it from its batch."""
+
+    def __init__(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.prompt, self.max_tokens, self.seed = prompt, max_tokens, seed
+        self.loop = loop  # given: pieces go to an asyncio queue, read with `async for` in the server's event loop
+        self.apieces: asyncio.Queue[str | None] | None = asyncio.Queue() if loop is not None else None
+        self.sampling = (temperature, top_p)
+        self.finish_reason, self.completion_tokens = "stop", 0
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded answer already handed out
+        self.pieces: queue.Queue[str | None] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
+
+    def put(self, piece: str | None):
+        """From the generating thread: the next piece of text, or None at the end."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.apieces.put_nowait, piece)
+        else:
+            self.pieces.put(piece)
+
+    def __iter__(self):
+        try:
+            while (piece := self.pieces.get()) is not None:
+                yield piece
+        finally:
+            self.cancelled.set()
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self):
+        try:
+            while (piece := await self.apieces.get()) is not None:
+                yield piece
+        finally:
+            self.cancelled.set()
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.cancelled.set()
+
+
+class _ChatBatcher:
+    """One worker thread generates; answers asked for while it is busy are generated together in one batch
+    (left-padded, up to max_batch), each streamed on its own and stopped at its own EOS or max_tokens. On a CPU a
+    decoding step for 16 rows costs little more than for one, so a burst of requests is served in a few passes.
+    Requests with a seed run alone, so the same seed gives the same answer whoever else is asking."""
+
+    def __init__(self, served: Served, max_batch: int):
+        self.served, self.max_batch = served, max_batch
+        self.waiting: queue.Queue[ChatJob] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="nlpkit-chat").start()
+
+    def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
+               seed: int | None, loop: asyncio.AbstractEventLoop | None = None) -> ChatJob:
+        job = ChatJob(prompt, max_tokens, temperature, top_p, seed, loop)
+        self.waiting.put(job)
+        return job
+
+    def _work(self):
+        while True:
+            batch, later = [self.waiting.get()], []
+            while batch[0].seed is None and len(batch) < self.max_batch:
+                try:
+                    job = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                (batch if job.seed is None and job.sampling == batch[0].sampling else later).append(job)
+            for job in later:
+                self.waiting.put(job)
+            batch = [job for job in batch if not job.cancelled.is_set()]
+            if not batch:
+                continue
+            try:
+                self._generate(batch)
+            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
+                for job in batch:
+                    job.error = e
+                    job.put(None)
+
+    def _generate(self, jobs: list[ChatJob]):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer, model = self.served.tokenizer, self.served.model
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.tensor([[pad] * (width - len(job.prompt)) + job.prompt for job in jobs])
+        mask = torch.tensor([[0] * (width - len(job.prompt)) + [1] * len(job.prompt) for job in jobs])
+        streamer = _RowStreamer(jobs, tokenizer)
+
+        class RowsDone(StoppingCriteria):  # a row at its own max_tokens, or whose client left, stops
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor(streamer.done, dtype=torch.bool)
+
+        temperature, top_p = jobs[0].sampling
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else
+                    {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})  # None: clear defaults
+        with self.served.lock, torch.inference_mode():
+            if jobs[0].seed is not None:
+                torch.manual_seed(jobs[0].seed)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(job.max_tokens for job in jobs),
+                           streamer=streamer, stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling)
+        streamer.end()  # rows generate() left unfinished (it calls end() too; a second call finds nothing to do)
+
+
+class _RowStreamer:
+    """generate()'s streamer for a batch: hands each row's new text to its job, and ends a row at EOS or at its
+    own max_tokens. Text is held back while it ends in a partial UTF-8 character."""
+
+    def __init__(self, jobs: list[ChatJob], tokenizer):
+        self.jobs, self.tokenizer = jobs, tokenizer
+        self.done = [False] * len(jobs)
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            job = self.jobs[row]
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self._finish(row, "stop", counted=1)
+                continue
+            job.tokens.append(token)
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > job.sent:
+                job.put(text[job.sent:])
+                job.sent = len(text)
+            if len(job.tokens) >= job.max_tokens:
+                self._finish(row, "length")
+            elif job.cancelled.is_set():
+                self._finish(row, "stop")
+
+    def end(self):
+        for row in range(len(self.jobs)):
+            if not self.done[row]:
+                self._finish(row, "length")
+
+    def _finish(self, row: int, reason: str, counted: int = 0):
+        job = self.jobs[row]
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if len(text) > job.sent:
+            job.put(text[job.sent:])
+        job.finish_reason, job.completion_tokens = reason, len(job.tokens) + counted  # the EOS counts, as OpenAI's
+        self.done[row] = True
+        job.put(None)
+
+
+async def _sse(stream: ChatJob, head: dict):
+    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, then `data: [DONE]`."""
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        payload = {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in stream:
+            yield chunk({"content": piece})
+        yield chunk({}, stream.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.close()  # a client that disconnected mid-answer frees the model at the next token
+
+
+class _Guard:
+    """ASGI middleware for /v1/*: the API key (401) before anything else, then the body size (413), read up to the
+    limit and no further, so an oversized request costs neither parsing nor memory."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int):
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and not self._authorized(headers):
+            return await api_error(401, "missing or wrong API key: send `Authorization: Bearer KEY` (or `X-API-Key: "
+                                        "KEY`) with the key given to nlpkit serve --api-key",
+                                   code="invalid_api_key")(scope, receive, send)
+        too_large = api_error(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
+                                   "(nlpkit serve --max-request-kb)", code="request_too_large")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads wait for the client's disconnect, as the app expects
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        return secrets.compare_digest(given.encode(), self.api_key.encode())  # constant time: no timing oracle
+
+
+def run_server(served: Served, host: str, port: int, **limits) -> None:
+    import uvicorn
+
+    from nlpkit import report
+
+    if host not in LOOPBACK and limits.get("api_key") is None:
+        report.warn(f"--host {host}: reachable from other machines with no API key; add --api-key KEY (or "
+                    "NLPKIT_API_KEY) unless this network is yours alone")
+    app = create_app(served, **limits)
+    shown = f"[{host}]" if ":" in host else host
+    report.info(f"serving {served.name} ({served.task}) on http://{shown}:{port}/ - the page at /, the API under /v1/ "
+                f"({'/v1/chat/completions' if served.task == 'chat' else '/v1/classify'}); Ctrl-C stops")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,275 @@
+"""nlpkit serve through FastAPI's TestClient: every endpoint on a tiny chat model and a tiny classifier, every 4xx."""
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from helpers import nlpkit
+from nlpkit.serve import create_app, load_served
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_bert, tmp_path_factory):
+    """The tiny BERT with a 2-label head, saved like a hub classifier (no training needed to test serving)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_served(tiny_llama):
+    return load_served(str(tiny_llama))
+
+
+@pytest.fixture(scope="module")
+def chat_client(chat_served):
+    return TestClient(create_app(chat_served, max_tokens_limit=16, max_request_bytes=2000))
+
+
+@pytest.fixture(scope="module")
+def classify_client(tiny_classifier):
+    return TestClient(create_app(load_served(str(tiny_classifier)), max_request_bytes=2000, max_batch=4))
+
+
+def ask(client, **body):
+    return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello there"}],
+                                                     **body})
+
+
+def error_of(response) -> dict:
+    return response.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_page(chat_client, classify_client):
+    health = chat_client.get("/health").json()
+    assert health["task"] == "chat" and health["max_tokens_limit"] == 16 and health["api_key_required"] is False
+    health = classify_client.get("/health").json()
+    assert health["task"] == "classify" and health["labels"] == LABELS
+    page = chat_client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="input"' in page.text and "/v1/chat/completions" in page.text and "/v1/classify" in page.text
+
+
+def test_classify_scores_every_label(classify_client, tiny_classifier):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["a gripping, beautifully acted film", "the plot is thin"]
+    response = classify_client.post("/v1/classify", json={"input": texts})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    # The same probabilities as the model run by hand.
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    batch = AutoTokenizer.from_pretrained(tiny_classifier)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits.softmax(-1)
+    for result, probs in zip(data, expected):
+        scores = {s["label"]: s["score"] for s in result["scores"]}
+        assert set(scores) == set(LABELS)
+        assert scores == pytest.approx({label: p for label, p in zip(LABELS, probs.tolist())}, abs=1e-5)
+        assert result["label"] == LABELS[int(probs.argmax())] and result["score"] == max(scores.values())
+    single = classify_client.post("/v1/classify", json={"input": texts[0]}).json()["data"]
+    assert len(single) == 1 and single[0]["label"] == data[0]["label"]
+    assert single[0]["score"] == pytest.approx(data[0]["score"], abs=1e-5)  # padding in a batch changes nothing
+
+
+def test_chat_completion_is_the_models_greedy_answer(chat_client, chat_served):
+    response = ask(chat_client, max_tokens=8)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+
+    tokenizer, model = chat_served.tokenizer, chat_served.model
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)[0, prompt["input_ids"].shape[1]:]
+    assert choice["message"]["content"] == tokenizer.decode(out, skip_special_tokens=True)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == prompt["input_ids"].shape[1]
+    assert 1 <= usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("stop" if tokenizer.eos_token_id in out.tolist() else "length")
+
+
+def test_chat_streams_openai_server_sent_events(chat_client):
+    plain = ask(chat_client, max_tokens=8).json()["choices"][0]
+    with chat_client.stream("POST", "/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
+                                  "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["message"]["content"]  # greedy: the stream and the plain answer agree
+
+
+def test_sampling_with_a_seed_repeats(chat_client):
+    first = ask(chat_client, max_tokens=8, temperature=1.0, seed=3).json()["choices"][0]["message"]["content"]
+    again = ask(chat_client, max_tokens=8, temperature=1.0, seed=3).json()["choices"][0]["message"]["content"]
+    assert first == again
+
+
+# ---------------------------------------------------------------------------------------------- 4xx
+
+
+def test_bad_json_is_400(chat_client, classify_client):
+    for client, path in ((chat_client, "/v1/chat/completions"), (classify_client, "/v1/classify")):
+        response = client.post(path, content=b'{"input": "unterminated', headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        assert error_of(response)["code"] == "json_invalid" and "not valid JSON" in error_of(response)["message"]
+
+
+def test_too_large_is_413(chat_client, classify_client):
+    response = classify_client.post("/v1/classify", json={"input": "word " * 1000})
+    assert response.status_code == 413 and "2000 bytes" in error_of(response)["message"]
+    # Without a Content-Length header (chunked upload), the body is read up to the limit and refused there.
+    response = chat_client.post("/v1/chat/completions", content=iter([b'{"messages": "' + b"x" * 1500, b"x" * 1500]))
+    assert response.status_code == 413
+
+
+def test_max_tokens_over_the_limit_is_400(chat_client):
+    response = ask(chat_client, max_tokens=17)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "max_tokens" and "limit of 16" in error_of(response)["message"]
+    assert ask(chat_client, max_completion_tokens=100).status_code == 400
+    assert ask(chat_client, max_tokens=0).status_code == 400
+
+
+def test_prompt_longer_than_the_context_is_400(chat_client):
+    # The tiny Llama has a 128-token context.
+    response = chat_client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "tech news " * 60}], "max_tokens": 8})
+    assert response.status_code == 400 and error_of(response)["code"] == "context_length_exceeded"
+
+
+def test_wrong_endpoint_for_the_model_is_400(chat_client, classify_client):
+    response = chat_client.post("/v1/classify", json={"input": "hello"})
+    assert response.status_code == 400 and "/v1/chat/completions" in error_of(response)["message"]
+    response = ask(classify_client)
+    assert response.status_code == 400 and "/v1/classify" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+])
+def test_invalid_chat_fields_are_400_naming_the_field(chat_client, body, param):
+    response = chat_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param and error_of(response)["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [{}, {"input": []}, {"input": 3}, {"input": "x", "inputs": "y"},
+                                  {"input": ["a", "b", "c", "d", "e"]}])
+def test_invalid_classify_bodies_are_400(classify_client, body):
+    assert classify_client.post("/v1/classify", json=body).status_code == 400
+
+
+def test_api_key(tiny_classifier):
+    client = TestClient(create_app(load_served(str(tiny_classifier)), api_key="s3cret"))
+    body = {"input": "a fine film"}
+    assert client.post("/v1/classify", json=body).status_code == 401
+    wrong = client.post("/v1/classify", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and error_of(wrong)["type"] == "authentication_error"
+    assert wrong.headers["www-authenticate"] == "Bearer"
+    # The key is checked before the body: a bad body without the key is still 401, not 400.
+    assert client.post("/v1/classify", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+    assert client.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.post("/v1/classify", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200  # the page asks for it
+
+
+def test_unknown_path_is_404(chat_client):
+    response = chat_client.get("/v1/models/none")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_serve_refuses_a_model_without_a_head(tiny_bert):
+    result = nlpkit("serve", tiny_bert)
+    assert result.code == 2
+    assert "no classification or language-model head" in result.stderr and "nlpkit finetune" in result.stderr
+
+
+def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
+    from nlpkit.serve import _ClassifyBatcher, classify_texts
+
+    served = load_served(str(tiny_classifier))
+    requests = [["good food"], ["the team won", "tech news"], ["bad"], ["a fine film", "dull", "great"]]
+    alone = [classify_texts(served, texts) for texts in requests]
+    passes = []
+    served.model.register_forward_hook(lambda module, args, kwargs_or_out: passes.append(1))
+    batcher = _ClassifyBatcher(served, max_batch=64)
+    with served.lock:  # the model is busy: every request queues up meanwhile
+        futures = [batcher.submit(texts) for texts in requests]
+    results = [f.result(timeout=60) for f in futures]
+    assert len(passes) <= 2  # the first request alone (taken before the lock was seen), then the rest together
+    for got, expected in zip(results, alone):
+        assert [r["index"] for r in got] == list(range(len(expected)))
+        assert [r["label"] for r in got] == [r["label"] for r in expected]
+        assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_concurrent_chat_answers_are_generated_together_and_each_stops_on_its_own(chat_served):
+    from nlpkit.serve import _ChatBatcher
+
+    tokenizer, model = chat_served.tokenizer, chat_served.model
+    questions = [("hello there", 8), ("good food and tech news today", 3), ("the team", 12)]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] for q, _ in questions]
+    alone = []
+    for prompt, (_, limit) in zip(prompts, questions):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=limit, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        alone.append(out[0, len(prompt):].tolist())
+    passes = []
+    original = model.generate
+    model.generate = lambda *a, **k: passes.append(k["input_ids"].shape[0]) or original(*a, **k)
+    try:
+        batcher = _ChatBatcher(chat_served, max_batch=16)
+        with chat_served.lock:  # the model is busy: all three queue up and go in one batch
+            jobs = [batcher.submit(p, limit, 0.0, 1.0, None) for p, (_, limit) in zip(prompts, questions)]
+        answers = ["".join(job) for job in jobs]
+    finally:
+        model.generate = original
+    assert sum(passes) == 3 and len(passes) <= 2  # one alone at most (taken before the lock), then together
+    for job, answer, tokens, (_, limit) in zip(jobs, answers, alone, questions):
+        eos = tokenizer.eos_token_id
+        expected = tokens[:tokens.index(eos)] if eos in tokens else tokens
+        assert answer == tokenizer.decode(expected, skip_special_tokens=True)  # left padding changes nothing
+        assert job.finish_reason == ("stop" if eos in tokens else "length")
+        assert job.completion_tokens == min(len(tokens), limit) and job.completion_tokens <= limit
+
+
+def test_a_template_that_refuses_the_messages_is_400(tiny_llama):
+    served = load_served(str(tiny_llama))
+    served.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('no system messages') }}{% endif %}{{ m['content'] }}"
+                                      "{% endfor %}")
+    client = TestClient(create_app(served))
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}]})
+    assert response.status_code == 400 and "no system messages" in error_of(response)["message"]

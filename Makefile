@@ -34,9 +34,9 @@ test: install chromium
 chromium:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get install -y -q chromium chromium-driver >/dev/null || echo "note: apt-get could not install chromium; the page test will skip"; \
+		{ apt-get update -q >/dev/null 2>&1; apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "note: apt-get could not install chromium; the page test will skip"; \
 	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
-		sudo -n apt-get install -y -q chromium chromium-driver >/dev/null || echo "note: apt-get could not install chromium; the page test will skip"; \
+		{ sudo -n apt-get update -q >/dev/null 2>&1; sudo -n apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "note: apt-get could not install chromium; the page test will skip"; \
 	else echo "note: chromium not installed, and no apt-get with root here to install it (apt-get install chromium chromium-driver); the page test will skip"; fi
 
 test-slow: install

@@ -113,7 +113,10 @@ class TrainSection(Section):
             "report_to": "none",
             # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
             "save_total_limit": None,
-            "logging_nan_inf_filter": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
+            "logging_nan_inf_filter": False,
+            # trl's configs turn activation checkpointing on: a second forward pass per step (about 30% of it) to
+            # save memory models of this size rarely need. train.extra.gradient_checkpointing=true brings it back.
+            "gradient_checkpointing": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
             **self.extra,
         }
 

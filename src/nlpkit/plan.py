@@ -111,12 +111,12 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
 
 
 def checkpointing(cfg: Recipe) -> bool:
-    """Activation checkpointing: as train.extra sets it, else the trainer's default (on in trl's SFTConfig)."""
+    """Activation checkpointing: as train.extra sets it; off otherwise (TrainSection.trainer_kwargs)."""
     extra = cfg.train.extra
     for key in ("activation_checkpointing", "gradient_checkpointing"):
         if key in extra:
             return bool(extra[key])
-    return cfg.stage == "sft"
+    return False
 
 
 def layer_activation_bytes(cfg: Recipe, shape: dict, tokens: int, bf16: bool) -> float:

@@ -56,9 +56,6 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if cfg.algo == "grpo" else (RLOOConfig, RLOOTrainer)
     kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)
     kwargs["train_sampling_strategy"] = "random"  # group_by_length needs input_ids; prompts are messages here
-    # trl turns activation checkpointing on by default: a second forward per step, and memory is rarely the limit
-    # at these sizes (train.extra.gradient_checkpointing=true brings it back).
-    kwargs.setdefault("gradient_checkpointing", False)
     args = config_class(**kwargs, num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
                         temperature=grpo.temperature, beta=grpo.beta)
     trainer = trainer_class(

@@ -23,10 +23,10 @@ length-grouped sampler serves the longest batch first):
   are what it adds at the peak.
 
 Not modelled: allocator fragmentation and library caches. Measured on the 2-core CPU box, short runs: classify-sst2
-1,319 MB estimated vs 1,296 MB peak RSS; sft-dolly-lora 4,357 MB vs 5,012-6,420 MB over four runs. An RSS timeline
-of one SFT step showed where the SFT gap is: the fused head's backward adds 3.0 GB as estimated, but RSS grows by
-1.7 GB during the checkpointed forward pass (weights paged in, and freed intermediates the allocator keeps), where
-the estimate counts 0.2 GB of layer inputs. The figure is an estimate to compare with a budget; `nlpkit_run.json`'s
+1,319 MB estimated vs 1,296 MB peak RSS; sft-dolly-lora (activation checkpointing off, nlpkit's default) 8,295 MB vs
+8,855 MB. With checkpointing on (trl's default, before nlpkit turned it off) the estimate fell 13-32% short: RSS grew
+1.7 GB during the checkpointed forward pass (weights paged in, freed intermediates the allocator keeps) where it
+counts 0.2 GB of layer inputs. The figure is an estimate to compare with a budget; `nlpkit_run.json`'s
 `peak_memory_mb` is the measured truth.
 """
 

@@ -97,6 +97,18 @@ NEUTRAL = ["the", "a", "cat", "dog", "runs", "sits", "table", "house", "tree", "
 TOY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # 4 + 10 + 33 = 47 words; pad, bos and eos all distinct
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Matrices of a 64-wide model are too small to split across threads: one thread is faster, and on shared cores
+    it avoids the oversubscription STACK.md measured. Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def toy_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) over a 47-word WordLevel vocabulary, no chat template: prompts are plain text."""

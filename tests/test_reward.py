@@ -8,6 +8,8 @@ import yaml
 from conftest import write_toy_preferences
 from helpers import nlpkit
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def reward_recipe(tmp_path, model, steps=40, **sections) -> str:
     raw = {

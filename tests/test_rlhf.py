@@ -10,17 +10,7 @@ import yaml
 from conftest import POSITIVE, write_toy_preferences, write_toy_prompts
 from helpers import nlpkit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices of a 64-wide model are too small to split across threads: one thread is faster, and on shared cores
-    it avoids the oversubscription STACK.md measured (7x slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

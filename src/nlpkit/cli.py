@@ -166,7 +166,9 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         if not resume and is_main_process():  # launched processes: the launcher claimed it already
             _claim_output_dir(out)
         stage = importlib.import_module(STAGES[cfg.stage])
-        return {"output_dir": str(out), **stage.run(cfg, out, resume=resume)}
+        metrics = stage.run(cfg, out, resume=resume)
+        launch.finish()
+        return {"output_dir": str(out), **metrics}
 
     _execute(work, as_json)  # the stage printed the run summary on stderr
 

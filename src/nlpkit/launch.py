@@ -62,6 +62,17 @@ def relaunch(argv: list[str], num_processes: int, distributed: str | None) -> in
     return code
 
 
+def finish() -> None:
+    """End a launched process together with the others: the main process may still be evaluating or saving when
+    the rest are done, and a process that exits with its communication threads running aborts (exit -6), which
+    accelerate reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def record_exit(code: int) -> None:
     from nlpkit.report import is_main_process
 

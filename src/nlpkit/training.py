@@ -74,15 +74,15 @@ def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
         raise NlpkitError(f"--resume: {output_dir} has no complete checkpoint yet (train.save_strategy/save_steps "
                           "decide when one is written); run again without --resume into an empty --output-dir")
     latest = checkpoints[-1]
-    saved = json.loads((latest / MARKER).read_text())["config"]
+    marker = json.loads((latest / MARKER).read_text())
     now = report.redact(cfg.model_dump(mode="json"))
-    changed = [key for key in _diff(saved, now) if key not in RESUMABLE_CHANGES]
+    changed = [key for key in _diff(marker["config"], now) if key not in RESUMABLE_CHANGES]
     if changed:
         shown = ", ".join(changed[:5])
         raise NlpkitError(f"--resume: the recipe changed since {latest.name} ({shown}); resume with the recipe the "
                           "run started with (see its checkpoint's nlpkit_checkpoint.json), or train into a new "
                           "--output-dir")
-    step = json.loads((latest / MARKER).read_text())["step"]
+    step = marker["step"]
     if report.is_main_process():  # one process tidies up; the others only read
         for partial in checkpoints_dir(output_dir).glob("checkpoint-*"):
             if not (partial / MARKER).is_file():  # written when the run was killed: never loadable, never picked

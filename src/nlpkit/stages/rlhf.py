@@ -360,7 +360,6 @@ def check_health(stats: dict, ppo: PPOSection, mode: str, update: int, output_di
     """The watchdog of our loop: a non-finite loss or KL, a runaway KL, or a collapsed entropy stop the run (exit 3)
     before it is logged or checkpointed, so the last checkpoint is the last good state; `train.watchdog: warn` only
     warns."""
-    last = training.last_checkpoint(str(training.checkpoints_dir(output_dir)))
     problem = None
     broken = [key for key in ("loss/policy_avg", "loss/value_avg", "objective/kl") if not math.isfinite(stats[key])]
     if broken:
@@ -374,8 +373,8 @@ def check_health(stats: dict, ppo: PPOSection, mode: str, update: int, output_di
         problem = (f"policy entropy is {stats['policy/entropy_avg']:.4f} nats per token at update {update}, below "
                    f"ppo.min_entropy={ppo.min_entropy}: the policy collapsed onto a few tokens; lower "
                    "train.learning_rate or raise ppo.kl_coef")
-    if problem and mode == "stop":
-        raise TrainingStopped(f"{problem}; {last}")
+    if problem and mode == "stop":  # only now look for the last checkpoint: this runs every update
+        raise TrainingStopped(f"{problem}; {training.last_checkpoint(str(training.checkpoints_dir(output_dir)))}")
     if problem:
         report.warn(problem)
 

@@ -60,7 +60,8 @@ def test_each_format_trains_exactly_on_the_answer(fixture, tiny_llama):
 
 def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
     out = tmp_path / "run"
-    result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "--lora", "--output-dir", out, "--json")
+    result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "generation.no_repeat_ngram_size=3", "--lora",
+                    "--output-dir", out, "--json")
     assert result.code == 0, result.stderr
     metrics = result.json()
     for key in ("eval_loss_base", "eval_loss", "eos_stop_rate", "train_loss", "train_runtime"):
@@ -71,6 +72,9 @@ def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
     assert saved.get("chat_template", (out / "chat_template.jinja").read_text() if (out / "chat_template.jinja")
                      .is_file() else None) == CHATML
     assert (out / "generation_config.json").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "generation_config.json").read_text())["no_repeat_ngram_size"] == 3
+    from nlpkit.stages.sft import load_lm
+    assert load_lm(str(out))[0].generation_config.no_repeat_ngram_size == 3  # what chat and serve generate with
 
     evaluated = nlpkit("eval", out, "--data", FIXTURES / "instructions.jsonl", "--json")
     assert evaluated.code == 0, evaluated.stderr

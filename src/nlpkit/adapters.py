@@ -80,7 +80,7 @@ def load_adapter_run(run_dir: Path, auto_class, *, dequantize: bool = False):
     """A run's base model (quantized as in training, or dequantized to fp32) with the run's adapter attached."""
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GenerationConfig
 
     cfg = validate_recipe(read_manifest(run_dir)["config"], source=f"{run_dir}/{MANIFEST}")
     config = AutoConfig.from_pretrained(run_dir)  # the run's labels and head size
@@ -89,6 +89,8 @@ def load_adapter_run(run_dir: Path, auto_class, *, dequantize: bool = False):
     base = load_model(auto_class, cfg.model, quant=cfg.quant, config=config)
     if dequantize and cfg.quant is not None:
         base = base.dequantize(dtype=torch.float32)
+    if (run_dir / "generation_config.json").is_file():  # the run's generation settings, not the base model's
+        base.generation_config = GenerationConfig.from_pretrained(run_dir)
     return PeftModel.from_pretrained(base, run_dir).eval()
 
 

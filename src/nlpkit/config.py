@@ -152,6 +152,10 @@ class GenerationSection(Section):
     # sft on answers ending in "#### <number>" (GSM8K): held questions answered before and after training, scored
     # by exact match of that number (metrics exact_match_base, exact_match). 0 = off.
     exact_match_prompts: int = Field(0, ge=0)
+    # N > 0 forbids repeating any N-token sequence: a small tuned model decoding greedily can loop and never reach
+    # EOS. (A repetition_penalty does worse: it also penalises the EOS token, which the chat template puts in every
+    # prompt.) Saved in the run's generation config, so `nlpkit chat` and `serve` answer as the end-of-run check did.
+    no_repeat_ngram_size: int = Field(0, ge=0)
 
 
 class RewardSection(Section):

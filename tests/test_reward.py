@@ -58,19 +58,38 @@ def test_pair_scores_are_read_at_the_eos(tmp_path, toy_llama):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from nlpkit.stages.reward import score_texts
+    from nlpkit.stages.reward import pair_ids, score_ids
 
     tokenizer = AutoTokenizer.from_pretrained(toy_llama)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(toy_llama, num_labels=1,
                                                                pad_token_id=tokenizer.pad_token_id).eval()
     texts = ["the cat sits good", "a dog"]
-    batched = score_texts(model, tokenizer, texts, max_length=32, batch_size=2, bf16=False)
+    ids = pair_ids(tokenizer, {"chosen": texts, "rejected": texts}, max_length=32)["chosen_ids"]
+    batched = score_ids(model, ids, tokenizer.pad_token_id, bf16=False)
     for text, score in zip(texts, batched):
         ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt")["input_ids"]
         assert ids[0, -1] == tokenizer.eos_token_id
         alone = model(input_ids=ids).logits[0, 0].item()  # no padding at all: the last token is the EOS
         assert score == pytest.approx(alone, abs=1e-5)
+
+
+def test_long_pairs_keep_their_end_and_are_never_dropped(tmp_path, toy_llama):
+    from transformers import AutoTokenizer
+
+    from nlpkit.stages.reward import pair_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_llama)
+    prompt = "the cat sits on the mat and the dog sits on the rug and "
+    ids = pair_ids(tokenizer, {"prompt": [prompt], "chosen": ["good"], "rejected": ["bad"]}, max_length=4)
+    for reply, kept in (("good", ids["chosen_ids"][0]), ("bad", ids["rejected_ids"][0])):
+        full = tokenizer(prompt + reply + tokenizer.eos_token)["input_ids"]
+        assert len(full) > 4 and kept == full[-4:] and kept[-1] == tokenizer.eos_token_id
+    # a run whose max_length is shorter than every pair still trains on all of them
+    result = nlpkit("finetune", reward_recipe(tmp_path, toy_llama, steps=2), "data.max_length=6",
+                    "--output-dir", tmp_path / "rm", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["train_pairs"] == 400
 
 
 def test_reward_with_lora_saves_adapter_and_head(tmp_path, toy_llama):

@@ -54,16 +54,11 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         # Length grouping reads an input_ids column; preference rows hold chosen_ids and rejected_ids instead.
         kwargs["train_sampling_strategy"] = "random"
     args = RewardConfig(**kwargs, max_length=cfg.data.max_length)
+    # Tokenized here, as pair_metrics scores them: trl would drop every pair longer than max_length (a third of HH).
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=datasets.Dataset.from_dict(train_pairs),
+                            train_dataset=datasets.Dataset.from_dict(pair_ids(tokenizer, train_pairs,
+                                                                              cfg.data.max_length)),
                             callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")])
-    if len(trainer.train_dataset) == 0:
-        raise NlpkitError(f"{train_rows.name}: every pair is longer than data.max_length={cfg.data.max_length} tokens "
-                          "(trl drops those); raise data.max_length")
-    dropped = len(train_pairs["chosen"]) - len(trainer.train_dataset)
-    if dropped:
-        report.warn(f"{train_rows.name}: {dropped} of {len(train_pairs['chosen'])} pairs dropped: longer than "
-                    f"data.max_length={cfg.data.max_length} tokens")
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_pairs": len(trainer.train_dataset)}
     if eval_pairs is not None:
         metrics |= pair_metrics(trainer.model, tokenizer, eval_pairs, cfg.data.max_length,
@@ -93,30 +88,32 @@ def evaluate_run(run_dir: Path, data_spec: str, mirror: str | None) -> dict:
 
 
 def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batch_size: int, bf16: bool) -> dict:
-    """Score chosen and rejected texts exactly as RewardTrainer trained on them (text + EOS, read at the EOS).
+    """Score chosen and rejected texts exactly as the model was trained on them (pair_ids), read at the EOS.
 
-    Texts longer than max_length keep their end (left truncation), where the scored EOS is, so no pair is dropped.
     Ties count as wrong: a reward model that scores everything alike has accuracy 0, not 0.5.
     """
-    prompts = pairs.get("prompt") or [""] * len(pairs["chosen"])
-    chosen = score_texts(model, tokenizer, [p + c for p, c in zip(prompts, pairs["chosen"])], max_length,
-                         batch_size, bf16)
-    rejected = score_texts(model, tokenizer, [p + r for p, r in zip(prompts, pairs["rejected"])], max_length,
-                           batch_size, bf16)
+    model.eval()
+    ids = pair_ids(tokenizer, pairs, max_length)
+    chosen, rejected = ([score for start in range(0, len(rows), batch_size)
+                         for score in score_ids(model, rows[start:start + batch_size], tokenizer.pad_token_id, bf16)]
+                        for rows in (ids["chosen_ids"], ids["rejected_ids"]))
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
             "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}
 
 
-def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int, bf16: bool) -> list[float]:
-    """Reward of each text with the EOS appended (as trl trains), read at the last real token."""
-    model.eval()
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(text + tokenizer.eos_token)["input_ids"][-max_length:]
-               for text in texts[start:start + batch_size]]
-        scores += score_ids(model, ids, tokenizer.pad_token_id, bf16)
-    return scores
+def pair_ids(tokenizer, pairs: dict[str, list], max_length: int) -> dict[str, list]:
+    """Token ids of prompt + chosen and prompt + rejected, each with the EOS the score is read at appended.
+
+    Longer texts keep their end (left truncation): the replies and the EOS are what a pair is about, so no pair is
+    dropped, only the oldest turns of a long conversation.
+    """
+    prompts = pairs.get("prompt") or [""] * len(pairs["chosen"])
+
+    def encode(replies):
+        return [tokenizer(p + r + tokenizer.eos_token)["input_ids"][-max_length:] for p, r in zip(prompts, replies)]
+
+    return {"chosen_ids": encode(pairs["chosen"]), "rejected_ids": encode(pairs["rejected"])}
 
 
 def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[float]:

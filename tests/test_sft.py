@@ -61,7 +61,7 @@ def test_each_format_trains_exactly_on_the_answer(fixture, tiny_llama):
 def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
     out = tmp_path / "run"
     result = nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "generation.no_repeat_ngram_size=3", "--lora",
-                    "--output-dir", out, "--json")
+                    "train.per_device_eval_batch_size=8", "data.max_length=384", "--output-dir", out, "--json")
     assert result.code == 0, result.stderr
     metrics = result.json()
     for key in ("eval_loss_base", "eval_loss", "eos_stop_rate", "train_loss", "train_runtime"):
@@ -79,6 +79,9 @@ def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
     evaluated = nlpkit("eval", out, "--data", FIXTURES / "instructions.jsonl", "--json")
     assert evaluated.code == 0, evaluated.stderr
     assert evaluated.json()["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+    base = nlpkit("eval", tiny_llama, "--data", FIXTURES / "instructions.jsonl", "--json")  # batched as the run was
+    assert base.code == 0, base.stderr
+    assert base.json()["eval_loss"] == pytest.approx(metrics["eval_loss_base"], abs=1e-5)
 
     chat = nlpkit("chat", out, "--prompt", "What is two plus two?", "--max-new-tokens", "5")
     assert chat.code == 0, chat.stderr

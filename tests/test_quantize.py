@@ -38,3 +38,27 @@ def test_smollm2_8bit_keeps_perplexity(shared_data):
     assert result.code == 0, result.stderr
     report = result.json()
     assert report["footprint_ratio"] <= 0.55 and report["perplexity_increase"] <= 0.03
+
+
+def test_4bit_keeps_the_sensitive_layers_in_bf16(tmp_path, tiny_llama):
+    """4 bits: v_proj and down_proj stay unquantized, stored (like embeddings and norms) in bf16, not fp32; the
+    saved model reloads the same way. 8 bits keeps its fp32 layout."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nlpkit.quantize import KEEP_16BIT_4BIT
+
+    out = tmp_path / "q"
+    report = nlpkit("quantize", tiny_llama, "--bits", 4, "--output-dir", out, "--json").json()
+    assert report["kept_bf16"] == KEEP_16BIT_4BIT == ["v_proj", "down_proj"]
+    assert 0 < report["quantized_param_share"] < 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    for name, module in linears.items():
+        kept = name.endswith(("v_proj", "down_proj", "lm_head"))
+        assert isinstance(module, bnb.nn.Linear4bit) != kept, name
+        if kept:
+            assert module.weight.dtype == torch.bfloat16, name
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert "kept_bf16" not in nlpkit("quantize", tiny_llama, "--bits", 8, "--json").json()

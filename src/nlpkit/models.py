@@ -136,11 +136,11 @@ def _did_you_mean(ref: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def load_model(auto_class, model_cfg, quant=None, **kwargs):
+def load_model(auto_class, model_cfg, quant=None, keep_modules=None, **kwargs):
     """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set;
-    quantized with bitsandbytes when a quant section is given."""
+    quantized with bitsandbytes when a quant section is given (except `keep_modules`, see quantization_config)."""
     if quant is not None:
-        kwargs["quantization_config"] = quantization_config(quant)
+        kwargs["quantization_config"] = quantization_config(quant, keep_modules)
     model = _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
     if quant is not None:
         avoid_4bit_cpu_repack_crash(model)
@@ -151,15 +151,17 @@ def load_model(auto_class, model_cfg, quant=None, **kwargs):
 HEAD_MODULES = ["classifier", "score", "lm_head"]
 
 
-def quantization_config(quant):
+def quantization_config(quant, keep_modules: list[str] | None = None):
+    """bitsandbytes config; `keep_modules` (module name suffixes) stay unquantized like the heads."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip = HEAD_MODULES + list(keep_modules or [])
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype), llm_int8_skip_modules=HEAD_MODULES,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype), llm_int8_skip_modules=skip,
     )
 
 

@@ -41,7 +41,7 @@ def test_smollm2_8bit_keeps_perplexity(shared_data):
 
 
 def test_4bit_keeps_the_sensitive_layers_in_bf16(tmp_path, tiny_llama):
-    """4 bits: v_proj and down_proj stay unquantized, stored (like embeddings and norms) in bf16, not fp32; the
+    """4 bits: k_proj, v_proj and down_proj stay unquantized, stored (like embeddings and norms) in bf16, not fp32; the
     saved model reloads the same way. 8 bits keeps its fp32 layout."""
     import bitsandbytes as bnb
     import torch
@@ -51,12 +51,12 @@ def test_4bit_keeps_the_sensitive_layers_in_bf16(tmp_path, tiny_llama):
 
     out = tmp_path / "q"
     report = nlpkit("quantize", tiny_llama, "--bits", 4, "--output-dir", out, "--json").json()
-    assert report["kept_bf16"] == KEEP_16BIT_4BIT == ["v_proj", "down_proj"]
+    assert report["kept_bf16"] == KEEP_16BIT_4BIT == ["k_proj", "v_proj", "down_proj"]
     assert 0 < report["quantized_param_share"] < 1
     model = AutoModelForCausalLM.from_pretrained(out)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     for name, module in linears.items():
-        kept = name.endswith(("v_proj", "down_proj", "lm_head"))
+        kept = name.endswith(("k_proj", "v_proj", "down_proj", "lm_head"))
         assert isinstance(module, bnb.nn.Linear4bit) != kept, name
         if kept:
             assert module.weight.dtype == torch.bfloat16, name

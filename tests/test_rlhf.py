@@ -326,3 +326,26 @@ def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, t
     stderr = run.with_suffix(".err").read_text()
     assert stderr.count("update 1/4 ") == 1 and "eos" in stderr  # one process talks
     assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())
+
+
+def test_full_weight_ppo_imports_neither_peft_nor_trl_nor_datasets(tmp_path, toy_llama):
+    """Unused imports are most of a small PPO run's peak memory (benchmarks/ppo_vs_trl.py): peft alone (with the
+    bitsandbytes it imports) is ~50 MB. A fresh process, since this test process has imported them all already."""
+    import os
+    import subprocess
+    import sys
+
+    module = tmp_path / "count_reward.py"
+    module.write_text("def length(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+    path = rlhf_recipe(tmp_path, toy_llama, None, total_episodes=16, eval_prompts=0)
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["reward"] = {"function": f"{module}:length"}
+    (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
+    script = ("import sys\nfrom nlpkit.cli import app\n"
+              f"sys.argv = ['nlpkit', 'rlhf', {str(tmp_path / 'fn.yaml')!r}, '--output-dir', {str(tmp_path / 'run')!r}]\n"
+              "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              "print(sorted(name for name in ('peft', 'trl', 'datasets', 'bitsandbytes') if name in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -88,10 +88,8 @@ def per_token_scores(seq_cls_model, input_ids: torch.Tensor, attention_mask: tor
 
     A reward model reads this at the last real token; a value model reads it at every response position [8, 24].
     """
-    from peft import PeftModel
-
-    if isinstance(seq_cls_model, PeftModel):  # LoRA layers and the saved head live inside the base model's modules
-        seq_cls_model = seq_cls_model.get_base_model()
+    if hasattr(seq_cls_model, "get_base_model"):  # a PeftModel (not imported: peft is heavy and often unused); its
+        seq_cls_model = seq_cls_model.get_base_model()  # LoRA layers and saved head live in the base model's modules
     backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return seq_cls_model.score(hidden).squeeze(-1).float()

@@ -43,7 +43,7 @@ PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM
 
     if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
         from nlpkit.stages import grpo
@@ -51,7 +51,10 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         return grpo.run(cfg, output_dir, resume)
     started = time.time()
     checkpoint = training.resume_point(output_dir, cfg, resume)
-    set_seed(cfg.train.seed)
+    # Not transformers.set_seed: its module imports peft, which imports bitsandbytes: ~50 MB of peak RSS that a
+    # full-weight PPO run never uses (benchmarks/ppo_vs_trl.py). numpy draws nothing here.
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # every device
     ppo = cfg.ppo or PPOSection()
     rank, world, all_sum, gather = process_group()  # --num-processes: each process rolls out its own prompts
     per_process = ppo.episodes_per_process(world)

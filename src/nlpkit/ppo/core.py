@@ -111,6 +111,23 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_stop: torch.Tensor, pena
     return torch.where(has_stop, scores, scores - penalty)
 
 
+def normalized_scores(scores: torch.Tensor, bias: float, clip: float | None) -> torch.Tensor:
+    """score - bias, then clipped to [-clip, clip] when clip is set [10]. With bias = the mean score of responses
+    the reference (SFT) policy sampled, the reference's own responses average 0 (N+'s reward-model normalisation):
+    scores are centred where training starts, whatever offset the reward model learned. Clipping (OpenRLHF: 10)
+    keeps a reward-model outlier from dominating a batch."""
+    scores = scores - bias
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """The next KL coefficient of Ziegler et al.'s adaptive controller [13]: it grows while the measured KL (nats
+    per response) is above target and shrinks while below. The error is clipped to +-0.2, so a single batch moves the
+    coefficient by at most 0.2 * n_steps / horizon (n_steps: episodes in the update)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 = logp - ref_logp: unbiased per-token KL estimate, may be negative; the one to put in the reward [12]."""
     return logprobs - ref_logprobs

@@ -287,6 +287,13 @@ RLHF_CASES = {
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.stop_token=<nope>"], "ppo.stop_token '<nope>': not a token"),
     "unknown ppo key": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.kl_coeff=0.1"], "ppo.kl_coeff: unknown key; did you mean 'kl_coef'?"),
+    "trainer gradient clipping, which the ppo loop would ignore": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "train.extra.max_grad_norm=1.0"],
+        "train.extra.max_grad_norm: algo ppo is nlpkit's own loop, not a transformers Trainer, and reads no "
+        "train.extra field; use ppo.max_grad_norm"),
+    "adaptive kl from a zero coefficient": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.kl_target=6", "ppo.kl_coef=0"],
+        "ppo.kl_target: the adaptive controller scales ppo.kl_coef, which is 0"),
 }
 
 

@@ -191,3 +191,24 @@ def test_statistics_of_processes_combine_into_the_whole_batch():
                    {"objective/scores": 3.0, "val/num_eos_tokens": 5, "policy/first_minibatch_ratio_max_dev": 4e-6}]
     assert core.combine_process_stats(per_process) == {
         "objective/scores": 2.0, "val/num_eos_tokens": 8, "policy/first_minibatch_ratio_max_dev": 4e-6}
+
+
+def test_scores_are_shifted_by_the_reference_bias_then_clipped():  # [10]
+    reference_scores = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    bias = reference_scores.mean().item()
+    centred = core.normalized_scores(reference_scores, bias, None)
+    assert centred.mean().item() == pytest.approx(0.0)  # the reference's responses average 0
+    assert centred.tolist() == pytest.approx([-2.0, 0.0, -1.0, 3.0])
+    assert core.normalized_scores(reference_scores, bias, 1.5).tolist() == pytest.approx([-1.5, 0.0, -1.0, 1.5])
+    assert torch.equal(core.normalized_scores(reference_scores, 0.0, None), reference_scores)  # off: unchanged
+
+
+def test_adaptive_kl_coefficient_follows_the_target_with_a_clipped_error():  # [13] Ziegler et al.
+    # KL 1.5x the target: error +0.5, clipped to +0.2; 16 episodes of a 1000-episode horizon
+    assert core.adaptive_kl_coef(0.1, kl=9.0, target=6.0, horizon=1000, n_steps=16) == pytest.approx(
+        0.1 * (1 + 0.2 * 16 / 1000))
+    # KL 5 % below the target: error -0.05, inside the clip
+    assert core.adaptive_kl_coef(0.1, kl=5.7, target=6.0, horizon=1000, n_steps=16) == pytest.approx(
+        0.1 * (1 - 0.05 * 16 / 1000))
+    assert core.adaptive_kl_coef(0.1, kl=0.0, target=6.0, horizon=16, n_steps=16) == pytest.approx(0.08)  # -0.2
+    assert core.adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=16, n_steps=16) == pytest.approx(0.1)  # on target

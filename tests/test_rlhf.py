@@ -326,3 +326,86 @@ def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, t
     stderr = run.with_suffix(".err").read_text()
     assert stderr.count("update 1/4 ") == 1 and "eos" in stderr  # one process talks
     assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())
+
+
+def test_full_weight_ppo_imports_neither_peft_nor_trl_nor_datasets(tmp_path, toy_llama):
+    """Unused imports are most of a small PPO run's peak memory (benchmarks/ppo_vs_trl.py): peft alone (with the
+    bitsandbytes it imports) is ~50 MB. A fresh process, since this test process has imported them all already."""
+    import os
+    import subprocess
+    import sys
+
+    module = tmp_path / "count_reward.py"
+    module.write_text("def length(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
+    path = rlhf_recipe(tmp_path, toy_llama, None, total_episodes=16, eval_prompts=0)
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["reward"] = {"function": f"{module}:length"}
+    (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["nlpkit", "rlhf", str(tmp_path / "fn.yaml"), "--output-dir", str(tmp_path / "run")]
+    script = (f"import sys\nfrom nlpkit.cli import app\nsys.argv = {argv!r}\n"
+              "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              "print(sorted(name for name in ('peft', 'trl', 'datasets', 'bitsandbytes') if name in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_clipped(tmp_path, toy_llama,
+                                                                                       toy_reward_model):
+    """[10] The bias is the mean score of the reference's own samples: the same samples, shifted by it, average 0
+    (the policy IS the reference before training, and the same seed draws the same responses). Then the loop clips
+    the gradient norm of policy and value together (ppo.max_grad_norm)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nlpkit.config import load_recipe
+    from nlpkit.stages import rlhf
+
+    cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model, missing_eos_penalty=None,
+                                  max_grad_norm=1e-3))
+    tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(toy_llama)
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
+    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    batch = [{"prompt": p} for p in ("the cat sits", "a dog runs", "one bird", "two fish")] * 4
+    args = (tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
+    torch.manual_seed(7)
+    bias = rlhf.reference_score_bias(policy, reference, *args, rank=0, world=1, gather=lambda x: [x])
+    torch.manual_seed(7)
+    plain = rlhf.make_rollout(policy, reference, value, *args)
+    torch.manual_seed(7)
+    rollout = rlhf.make_rollout(policy, reference, value, *args, reward_bias=bias)
+    assert bias == pytest.approx(plain["scores"].mean().item(), abs=1e-5) and abs(bias) > 0.1
+    assert rollout["scores"].mean().item() == pytest.approx(0.0, abs=1e-5)
+
+    norms = []
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    optimizer.register_step_pre_hook(lambda opt, *_: norms.append(torch.nn.utils.get_total_norm(
+        [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]).item()))
+    stats = rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0),
+                                  False)
+    assert len(norms) == 8 and max(norms) <= 1e-3 * 1.0001  # 4 epochs x 2 minibatches, every step clipped
+    assert stats["grad_norm"] > 1e-3  # the logged norm is the one before clipping
+
+
+def test_adaptive_kl_coefficient_moves_towards_the_target_and_the_baseline_is_recorded(tmp_path, toy_llama,
+                                                                                        toy_reward_model):
+    """[10, 13] through the CLI: kl_coef follows Ziegler's controller update after update (logged as
+    objective/kl_coef); the reward bias is measured once and reported; clipped scores stay in range."""
+    from nlpkit.ppo import core
+
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=48, eval_prompts=0,
+                         kl_target=0.5, kl_horizon=64, reward_baseline_prompts=32, reward_clip=0.5)
+    result = nlpkit("rlhf", recipe, "--output-dir", tmp_path / "run", "--json")
+    assert result.code == 0, result.stderr
+    log = read_log(tmp_path / "run")
+    assert log[0]["objective/kl_coef"] == 0.05  # the recipe's kl_coef to start
+    for before, after in zip(log, log[1:]):
+        assert after["objective/kl_coef"] == pytest.approx(core.adaptive_kl_coef(
+            before["objective/kl_coef"], before["objective/kl"], 0.5, 64, 16))
+    assert isinstance(result.json()["reward_bias"], float) and "reward baseline" in result.stderr
+    assert all(abs(entry["objective/scores_without_penalty"]) <= 0.5 for entry in log)

@@ -183,7 +183,11 @@ class PPOSection(Section):
     num_ppo_epochs: int = Field(4, gt=0)  # passes over each rollout, a fresh permutation each
     response_length: int = Field(53, gt=0)  # max_new_tokens, exactly
     temperature: float = Field(0.7, gt=0)
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.05, ge=0)  # the starting value when kl_target is set
+    # Adaptive KL (Ziegler et al.): kl_coef is adjusted after every update towards a KL of kl_target nats per
+    # response, by at most a factor 1 +- 0.2 * batch_size / kl_horizon per update. null = a fixed kl_coef.
+    kl_target: float | None = Field(None, gt=0)
+    kl_horizon: int = Field(10000, gt=0)  # episodes; larger = slower adaptation (TRL's old default)
     kl_estimator: Literal["k1", "k3"] = "k1"  # k1 in the reward is unbiased; k3 is >= 0 per token
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
@@ -192,6 +196,13 @@ class PPOSection(Section):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of responses with no stop token; null = off
+    # Subtract the mean score of the reference policy's responses to this many training prompts (sampled as in the
+    # rollout, once before training), so reference responses average 0 (N+). 0 = off: scores as the reward gives them.
+    reward_baseline_prompts: int = Field(0, ge=0)
+    reward_clip: float | None = Field(None, gt=0)  # scores clipped to [-reward_clip, reward_clip] (OpenRLHF: 10)
+    # Clip the gradient norm of policy and value together before each optimiser step (OpenRLHF: 1.0). null = no
+    # clipping, as trl's PPOTrainer (which ignores TrainingArguments.max_grad_norm).
+    max_grad_norm: float | None = Field(None, gt=0)
     stop_token: str | None = None  # default: the policy tokenizer's EOS
     value_model: str | None = None  # default: the reward model (reward.model), else the policy base with a new head
     num_sample_generations: int = Field(10, ge=0)  # times a table of prompts and responses is logged over the run
@@ -353,6 +364,14 @@ def _check_rlhf(cfg: Recipe) -> list[str]:
         problems.append(f"train.gradient_accumulation_steps: {cfg.train.gradient_accumulation_steps} does not divide "
                         f"the minibatch size {ppo.batch_size // ppo.num_mini_batches} (ppo.batch_size / "
                         "ppo.num_mini_batches)")
+    if ppo.kl_target is not None and ppo.kl_coef == 0:
+        problems.append("ppo.kl_target: the adaptive controller scales ppo.kl_coef, which is 0 and would stay 0; "
+                        "start it above 0 (e.g. ppo.kl_coef=0.05)")
+    if cfg.train.extra:
+        key = next(iter(cfg.train.extra))
+        hint = "use ppo.max_grad_norm" if key == "max_grad_norm" else "remove it"
+        problems.append(f"train.extra.{key}: algo ppo is nlpkit's own loop, not a transformers Trainer, and reads no "
+                        f"train.extra field; {hint}")
     if ppo.whiten_rewards and ppo.batch_size // ppo.num_mini_batches < 8:
         problems.append("ppo.whiten_rewards: needs at least 8 episodes per minibatch (ppo.batch_size / "
                         "ppo.num_mini_batches); raise ppo.batch_size or turn it off")

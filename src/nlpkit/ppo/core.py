@@ -88,10 +88,8 @@ def per_token_scores(seq_cls_model, input_ids: torch.Tensor, attention_mask: tor
 
     A reward model reads this at the last real token; a value model reads it at every response position [8, 24].
     """
-    from peft import PeftModel
-
-    if isinstance(seq_cls_model, PeftModel):  # LoRA layers and the saved head live inside the base model's modules
-        seq_cls_model = seq_cls_model.get_base_model()
+    if hasattr(seq_cls_model, "get_base_model"):  # a PeftModel (not imported: peft is heavy and often unused); its
+        seq_cls_model = seq_cls_model.get_base_model()  # LoRA layers and saved head live in the base model's modules
     backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return seq_cls_model.score(hidden).squeeze(-1).float()
@@ -111,6 +109,23 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_stop: torch.Tensor, pena
     if penalty is None:
         return scores
     return torch.where(has_stop, scores, scores - penalty)
+
+
+def normalized_scores(scores: torch.Tensor, bias: float, clip: float | None) -> torch.Tensor:
+    """score - bias, then clipped to [-clip, clip] when clip is set [10]. With bias = the mean score of responses
+    the reference (SFT) policy sampled, the reference's own responses average 0 (N+'s reward-model normalisation):
+    scores are centred where training starts, whatever offset the reward model learned. Clipping (OpenRLHF: 10)
+    keeps a reward-model outlier from dominating a batch."""
+    scores = scores - bias
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """The next KL coefficient of Ziegler et al.'s adaptive controller [13]: it grows while the measured KL (nats
+    per response) is above target and shrinks while below. The error is clipped to +-0.2, so a single batch moves the
+    coefficient by at most 0.2 * n_steps / horizon (n_steps: episodes in the update)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

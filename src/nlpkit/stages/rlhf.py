@@ -43,7 +43,7 @@ PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM
 
     if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
         from nlpkit.stages import grpo
@@ -51,7 +51,10 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         return grpo.run(cfg, output_dir, resume)
     started = time.time()
     checkpoint = training.resume_point(output_dir, cfg, resume)
-    set_seed(cfg.train.seed)
+    # Not transformers.set_seed: its module imports peft, which imports bitsandbytes: ~50 MB of peak RSS that a
+    # full-weight PPO run never uses (benchmarks/ppo_vs_trl.py). numpy draws nothing here.
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # every device
     ppo = cfg.ppo or PPOSection()
     rank, world, all_sum, gather = process_group()  # --num-processes: each process rolls out its own prompts
     per_process = ppo.episodes_per_process(world)
@@ -99,17 +102,26 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     if eval_prompts and main:
         metrics |= {f"{k}_before": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
                                                           stop_ids, bf16, device).items()}
+    reward_bias = 0.0
+    if ppo.reward_baseline_prompts:  # [10] computed again on --resume: the same prompts, seed and reference
+        torch.manual_seed(cfg.train.seed)
+        reward_bias = reference_score_bias(policy, reference, tokenizer, scorer,
+                                           train_prompts[:ppo.reward_baseline_prompts], ppo, stop_ids, bf16, device,
+                                           rank, world, gather)
+        metrics["reward_bias"] = reward_bias
+        report.info(f"reward baseline: the reference policy's responses score {reward_bias:+.3f} on average; "
+                    "subtracted from every score")
 
     # ------------------------------------------------------------------ the loop
     log_path, samples_path = output_dir / "train_log.jsonl", output_dir / "samples.jsonl"
     order = random.Random(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     sample_every = max(1, updates // ppo.num_sample_generations) if ppo.num_sample_generations else 0
-    loop_started, episode, stats, pool, first_update = time.time(), 0, {}, [], 1
+    loop_started, episode, stats, pool, first_update, kl_coef = time.time(), 0, {}, [], 1, ppo.kl_coef
     loop = {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scheduler": scheduler,
             "order": order, "generator": generator}
     if checkpoint is not None:  # everything the next update depends on, as the killed run left it
-        first_update, episode, pool = load_checkpoint(checkpoint, **loop)
+        first_update, episode, pool, kl_coef = load_checkpoint(checkpoint, **loop, kl_coef=kl_coef)
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
     sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
@@ -121,14 +133,18 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         # The sampling noise of each update, drawn per process, from the seed: a resumed run draws the same.
         torch.manual_seed(hash((cfg.train.seed, rank, update)) % 2**63)
         rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device,
-                               all_sum)
+                               all_sum, kl_coef=kl_coef, reward_bias=reward_bias)
         stats = train_on_rollout(policy, value_model, optimizer, rollout, ppo, cfg.train.gradient_accumulation_steps,
                                  generator, bf16, sync_grads)
         scheduler.step()
         episode += ppo.batch_size
         stats = core.combine_process_stats(gather(stats | rollout["stats"]))  # over every process's episodes
-        stats |= {"lr": scheduler.get_last_lr()[0], "episode": episode, "eps": episode / (time.time() - loop_started)}
+        stats |= {"lr": scheduler.get_last_lr()[0], "episode": episode, "eps": episode / (time.time() - loop_started),
+                  "objective/kl_coef": kl_coef}
         check_health(stats, ppo, cfg.train.watchdog, update, output_dir)
+        if ppo.kl_target is not None:  # [13] every process saw the same whole-batch KL: the same next coefficient
+            kl_coef = core.adaptive_kl_coef(kl_coef, stats["objective/kl"], ppo.kl_target, ppo.kl_horizon,
+                                            ppo.batch_size)
         samples = gather(sample_rows(update, batch, rollout)) if sample_every and (
             update % sample_every == 0 or update == 1) else []
         if main:
@@ -140,7 +156,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                         f"{ppo.batch_size}")
             log_samples(samples_path, [row for rows in samples for row in rows])
             if save_every and update % save_every == 0 and update < updates:
-                save_checkpoint(output_dir, cfg, update, episode, pool, **loop)
+                save_checkpoint(output_dir, cfg, update, episode, pool, **loop, kl_coef=kl_coef)
 
     # ------------------------------------------------------------------ save the policy only [25], evaluate
     metrics |= {key: stats[key] for key in ("objective/kl", "objective/scores", "objective/rlhf_reward",
@@ -170,11 +186,14 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
 
 def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[dict], ppo: PPOSection,
-                 stop_ids: list[int], bf16: bool, device, all_sum=None) -> dict:
+                 stop_ids: list[int], bf16: bool, device, all_sum=None, kl_coef: float | None = None,
+                 reward_bias: float = 0.0) -> dict:
     """Generate, score and compute advantages for one batch of prompts, all without gradients [4]. With several
-    processes, all_sum makes the whitening statistics those of every process's episodes together."""
+    processes, all_sum makes the whitening statistics those of every process's episodes together. kl_coef: the
+    adaptive controller's current value (default ppo.kl_coef); reward_bias: the reference's mean score [10, 13]."""
     import torch
 
+    kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
     context = queries.shape[1]
     policy.eval()
@@ -200,11 +219,12 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
     values = values.masked_fill(pad_mask, 0.0)
     completions = decode_responses(tokenizer, responses, ends, has_stop)
     raw_scores = torch.tensor(scorer.score(batch, completions, has_stop.tolist()), device=responses.device)
+    raw_scores = core.normalized_scores(raw_scores, reward_bias, ppo.reward_clip)  # [10]
     scores = core.apply_missing_eos_penalty(raw_scores, has_stop, ppo.missing_eos_penalty)  # [9]
 
     kl = (core.kl_k1 if ppo.kl_estimator == "k1" else core.kl_k3)(logprobs, ref_logprobs)  # [12]; 0 after the end
-    non_score_reward = -ppo.kl_coef * kl
-    rewards = core.shaped_rewards(scores, kl, ppo.kl_coef, ends)  # [13, 14]
+    non_score_reward = -kl_coef * kl
+    rewards = core.shaped_rewards(scores, kl, kl_coef, ends)  # [13, 14]
     if ppo.whiten_rewards:
         rewards = core.masked_whiten(rewards, valid, shift_mean=False, all_sum=all_sum).masked_fill(pad_mask, 0.0)
     advantages, returns = core.gae(rewards, values, valid.float(), ppo.gamma, ppo.lam)  # [17]
@@ -267,7 +287,7 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
     policy.train()
     value_model.train()
     device = rollout["responses"].device
-    sums, count, first_ratio_dev = {}, 0, None
+    sums, count, first_ratio_dev, norms = {}, 0, None, []
     for _ in range(ppo.num_ppo_epochs):
         for minibatch in core.minibatches(len(rollout["responses"]), ppo.num_mini_batches, generator):
             optimizer.zero_grad(set_to_none=True)
@@ -302,11 +322,16 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
                 for key, value in step.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
+            params = [p for group in optimizer.param_groups for p in group["params"]]
             if sync_grads is not None:
-                sync_grads([p for group in optimizer.param_groups for p in group["params"]])
+                sync_grads(params)
+            if ppo.max_grad_norm is not None:  # policy and value together, as one optimiser over both [25]
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)))  # the norm before
             optimizer.step()
     stats = {key: value / count for key, value in sums.items()}
     stats["policy/first_minibatch_ratio_max_dev"] = first_ratio_dev
+    if norms:
+        stats["grad_norm"] = sum(norms) / len(norms)  # before clipping, as transformers' Trainer logs it
     return stats
 
 
@@ -314,10 +339,10 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
 
 
 def save_checkpoint(output_dir: Path, cfg: Recipe, update: int, episode: int, pool: list[dict], *, policy,
-                    value_model, optimizer, scheduler, order, generator) -> None:
+                    value_model, optimizer, scheduler, order, generator, kl_coef: float) -> None:
     """Everything the next update depends on, written to a temporary folder and renamed: a checkpoint appears whole
-    or not at all. The policy part is its trainable parameters (the adapter with LoRA); the KL coefficient is fixed
-    by the recipe, which --resume checks is unchanged."""
+    or not at all. The policy part is its trainable parameters (the adapter with LoRA); kl_coef is the adaptive
+    controller's current value (the recipe's, which --resume checks is unchanged, when it is off)."""
     import torch
 
     folder = training.checkpoints_dir(output_dir) / f"checkpoint-{update}"
@@ -327,15 +352,16 @@ def save_checkpoint(output_dir: Path, cfg: Recipe, update: int, episode: int, po
     state = {"policy": {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
              "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "order": order.getstate(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "episode": episode, "pool": pool}
+             "torch_rng": torch.get_rng_state(), "episode": episode, "pool": pool, "kl_coef": kl_coef}
     torch.save(state, staging / "ppo_state.pt")
     training.write_marker(staging, cfg, update)
     os.replace(staging, folder)
     training.rotate(training.checkpoints_dir(output_dir), cfg.train.save_total_limit)
 
 
-def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, order, generator):
-    """Restore a save_checkpoint folder; returns the next update, the episode count and the prompt pool."""
+def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, order, generator, kl_coef: float):
+    """Restore a save_checkpoint folder; returns the next update, the episode count, the prompt pool and the KL
+    coefficient (the given one for a checkpoint written before the adaptive controller existed)."""
     import torch
 
     state = torch.load(folder / "ppo_state.pt", weights_only=True)
@@ -349,7 +375,7 @@ def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, 
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     update = json.loads((folder / training.MARKER).read_text())["step"]
-    return update + 1, state["episode"], state["pool"]
+    return update + 1, state["episode"], state["pool"], state.get("kl_coef", kl_coef)
 
 
 def _as_tuples(value):
@@ -463,6 +489,30 @@ def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSec
         scores += scorer.score(batch, completions, has_stop.tolist())
         stops += has_stop.tolist()
     return {"eval_score": sum(scores) / len(scores), "eval_eos_rate": sum(stops) / len(stops)}
+
+
+def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection,
+                         stop_ids: list[int], bf16: bool, device, rank: int, world: int, gather) -> float:
+    """[10] The mean score (no EOS penalty) of responses the reference samples as in the rollout; each process
+    scores its share of the prompts. With LoRA the reference is the policy with its adapter disabled [26]."""
+    import contextlib
+
+    import torch
+
+    model = policy if reference is None else reference
+    model.eval()
+    scores = []
+    share = prompts[rank::world]
+    for start in range(0, len(share), ppo.batch_size):
+        batch = share[start:start + ppo.batch_size]
+        queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
+        without_adapter = policy.disable_adapter() if reference is None else contextlib.nullcontext()
+        with torch.no_grad(), autocast(bf16, device), without_adapter:
+            responses = sample(model, tokenizer, queries, ppo, stop_ids)
+        ends, has_stop = core.end_indices(responses, stop_ids)
+        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop), has_stop.tolist())
+    everything = [score for part in gather(scores) for score in part]
+    return sum(everything) / len(everything)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

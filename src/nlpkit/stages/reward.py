@@ -65,7 +65,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                                 cfg.train.per_device_eval_batch_size, bf16)
         report.info(f"pair accuracy {metrics['eval_pair_accuracy']:.3f} on {metrics['eval_pairs']} held-out pairs")
     trainer.save_model(str(output_dir))  # model (or adapter + score head) and tokenizer
-    if cfg.peft is not None and report.is_main_process():  # an adapter save has no config.json: keep num_labels, pad id, and say what it is
+    # An adapter save has no config.json: keep num_labels and the pad id, and say what the model is.
+    if cfg.peft is not None and report.is_main_process():
         base = trainer.model.get_base_model()
         base.config.architectures = [type(base).__name__]  # else the base checkpoint's (a causal LM) stays
         base.config.save_pretrained(output_dir)
@@ -92,11 +93,13 @@ def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batc
 
     Ties count as wrong: a reward model that scores everything alike has accuracy 0, not 0.5.
     """
+    def scores(rows: list[list[int]]) -> list[float]:
+        return [score for start in range(0, len(rows), batch_size)
+                for score in score_ids(model, rows[start:start + batch_size], tokenizer.pad_token_id, bf16)]
+
     model.eval()
     ids = pair_ids(tokenizer, pairs, max_length)
-    chosen, rejected = ([score for start in range(0, len(rows), batch_size)
-                         for score in score_ids(model, rows[start:start + batch_size], tokenizer.pad_token_id, bf16)]
-                        for rows in (ids["chosen_ids"], ids["rejected_ids"]))
+    chosen, rejected = scores(ids["chosen_ids"]), scores(ids["rejected_ids"])
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
             "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}

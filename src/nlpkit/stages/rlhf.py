@@ -474,20 +474,15 @@ def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSec
     """Greedy responses to held-out prompts, scored without the EOS penalty: what a user of the policy would get."""
     import torch
 
+    def greedy(queries):
+        out = policy.generate(input_ids=queries, attention_mask=(queries != tokenizer.pad_token_id).long(),
+                              max_new_tokens=ppo.response_length, do_sample=False,
+                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        return out[:, queries.shape[1]:]
+
     policy.eval()
-    scores, stops = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
-        with torch.no_grad(), autocast(bf16, device):
-            out = policy.generate(input_ids=queries, attention_mask=(queries != tokenizer.pad_token_id).long(),
-                                  max_new_tokens=ppo.response_length, do_sample=False,
-                                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        responses = out[:, queries.shape[1]:]
-        ends, has_stop = core.end_indices(responses, stop_ids)
-        completions = decode_responses(tokenizer, responses, ends, has_stop)
-        scores += scorer.score(batch, completions, has_stop.tolist())
-        stops += has_stop.tolist()
+    with torch.no_grad(), autocast(bf16, device):
+        scores, stops = respond_and_score(greedy, tokenizer, scorer, prompts, stop_ids, batch_size, device)
     return {"eval_score": sum(scores) / len(scores), "eval_eos_rate": sum(stops) / len(stops)}
 
 
@@ -501,18 +496,26 @@ def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: 
 
     model = policy if reference is None else reference
     model.eval()
-    scores = []
-    share = prompts[rank::world]
-    for start in range(0, len(share), ppo.batch_size):
-        batch = share[start:start + ppo.batch_size]
-        queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
-        without_adapter = policy.disable_adapter() if reference is None else contextlib.nullcontext()
-        with torch.no_grad(), autocast(bf16, device), without_adapter:
-            responses = sample(model, tokenizer, queries, ppo, stop_ids)
-        ends, has_stop = core.end_indices(responses, stop_ids)
-        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop), has_stop.tolist())
+    without_adapter = policy.disable_adapter() if reference is None else contextlib.nullcontext()
+    with torch.no_grad(), autocast(bf16, device), without_adapter:
+        scores, _ = respond_and_score(lambda queries: sample(model, tokenizer, queries, ppo, stop_ids), tokenizer,
+                                      scorer, prompts[rank::world], stop_ids, ppo.batch_size, device)
     everything = [score for part in gather(scores) for score in part]
     return sum(everything) / len(everything)
+
+
+def respond_and_score(respond, tokenizer, scorer: Scorer, prompts: list[dict], stop_ids: list[int],
+                      batch_size: int, device) -> tuple[list[float], list[bool]]:
+    """Batch by batch: respond(queries) -> response ids, cut at the first stop token, scored without the EOS
+    penalty. Returns the scores and whether each response stopped."""
+    scores, stops = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        responses = respond(encode_prompts(tokenizer, [record["prompt"] for record in batch], device))
+        ends, has_stop = core.end_indices(responses, stop_ids)
+        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop), has_stop.tolist())
+        stops += has_stop.tolist()
+    return scores, stops
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -1,6 +1,7 @@
 """nlpkit's PPO against trl 1.12's experimental PPOTrainer on PPO.md's offline toy: episodes/s, peak RSS, final score.
 
     python benchmarks/ppo_vs_trl.py [--updates 30] [--seeds 1] [--workdir /tmp/ppo-bench]
+    python benchmarks/ppo_vs_trl.py --reward-model runs/reward-hh [--updates 5]    # SmolLM2-135M + LoRA instead
 
 trl removed PPOTrainer in 1.13, so trl 1.12.0 is installed into a throwaway virtual environment under --workdir
 (never a project dependency); it reuses this environment's packages (torch, transformers, ...) through a .pth file,
@@ -8,6 +9,14 @@ so only trl differs. Both runs get the same tiny policy, the same reward model (
 `nlpkit finetune`, stage: reward), the same prompts and the same PPO settings (16 episodes per update, 2 minibatches,
 4 epochs, 12 tokens, T 0.7, kl_coef 0.05, lr 3e-4, missing-EOS penalty 1.0); each runs in its own process, and peak
 RSS is that process's maximum resident set. Targets from issue 5: >= 1.5x episodes/s, <= 0.6x peak RSS.
+
+The toy's models are a few hundred kB, so its peak RSS is almost all imports (torch and transformers alone: ~370 MB).
+With --reward-model both sides run the rlhf-hh-ppo recipe's setting instead, where the models are the memory: the
+SmolLM2-135M policy with a LoRA adapter (r 16, all linear layers; the reference is the adapter disabled on both
+sides), the given reward run (merged into a plain classifier, which also starts the value model), the ppo_prompts
+set through the data mirror ($NLPKIT_DATA_DIR) in the chat template, 8 episodes per update, 2 minibatches, 2 epochs,
+48 tokens, lr 2e-4, bf16 autocast. Scores are not compared there: trl scores the chat-formatted tokens, nlpkit the
+plain prompt and reply.
 """
 
 from __future__ import annotations
@@ -30,20 +39,30 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import trl
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-policy_dir, rm_dir, prompts_file, out, updates, seed = sys.argv[1:7]
-torch.manual_seed(int(seed))
-tokenizer = AutoTokenizer.from_pretrained(policy_dir, padding_side="left")
-prompts = [json.loads(line)["prompt"] for line in open(prompts_file)]
-dataset = datasets.Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-args = PPOConfig(output_dir=out, report_to="none", use_cpu=True, bf16=False, seed=int(seed), learning_rate=3e-4,
-                 per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=2,
-                 num_ppo_epochs=4, total_episodes=16 * int(updates), response_length=12, temperature=0.7,
-                 kl_coef=0.05, missing_eos_penalty=1.0, stop_token="eos", num_sample_generations=0,
-                 logging_steps=1, save_strategy="no")
-trainer = PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(policy_dir),
-                     ref_model=AutoModelForCausalLM.from_pretrained(policy_dir),
-                     reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir),
-                     value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir), train_dataset=dataset)
+run = json.loads(sys.argv[1])
+torch.manual_seed(run["seed"])
+tokenizer = AutoTokenizer.from_pretrained(run["policy"], padding_side="left")
+prompts = [json.loads(line)["prompt"] for line in open(run["prompts"])]
+if tokenizer.chat_template:  # as nlpkit presents prompts to a chat model
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in prompts]
+ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-run["max_prompt_tokens"]:] for p in prompts]
+dataset = datasets.Dataset.from_dict({"input_ids": ids})
+args = PPOConfig(output_dir=run["out"], report_to="none", use_cpu=True, bf16=run["bf16"], seed=run["seed"],
+                 learning_rate=run["lr"], per_device_train_batch_size=run["batch_size"],
+                 gradient_accumulation_steps=1, num_mini_batches=run["num_mini_batches"],
+                 num_ppo_epochs=run["num_ppo_epochs"], total_episodes=run["batch_size"] * run["updates"],
+                 response_length=run["response_length"], temperature=0.7, kl_coef=0.05, missing_eos_penalty=1.0,
+                 stop_token="eos", num_sample_generations=0, logging_steps=1, save_strategy="no")
+peft_config = None
+if run["lora"]:
+    from peft import LoraConfig
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+trainer = PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(run["policy"]),
+                     ref_model=None if run["lora"] else AutoModelForCausalLM.from_pretrained(run["policy"]),
+                     reward_model=AutoModelForSequenceClassification.from_pretrained(run["rm"]),
+                     value_model=AutoModelForSequenceClassification.from_pretrained(run["rm"]), train_dataset=dataset,
+                     peft_config=peft_config)
 started = time.time()
 trainer.train()
 seconds = time.time() - started
@@ -55,17 +74,50 @@ print("RESULT " + json.dumps({"trl": trl.__version__, "train_seconds": seconds, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (toy 30, SmolLM2 5)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ppo-bench"))
     # One run's final score is mostly noise on this toy: trl with seed 0 gave 1.42 and 1.54 in two runs; seeds 0-4
     # of ours gave 1.57-1.85, seeds 0-2 of trl 1.54-1.67. Compare means over seeds before calling a difference real.
     parser.add_argument("--seeds", type=int, default=1, help="runs per side: seeds 0..N-1")
+    parser.add_argument("--reward-model", type=Path, default=None,
+                        help="a SmolLM2-135M reward run (recipes/reward-hh.yaml): benchmark at that scale with LoRA")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if args.reward_model is None:
+        setting = toy_setting(work, env, args.updates or 30)
+    else:
+        setting = smollm2_setting(work, args.reward_model, args.updates or 5)
 
-    # ------------------------------------------------------------------ the toy: policy, reward model, prompts
+    recipe = work / "ppo.yaml"
+    recipe.write_text(json.dumps(setting["recipe"]))
+    ours = combine([run_ours(recipe, work, env, seed) for seed in range(args.seeds)])
+
+    # ------------------------------------------------------------------ trl 1.12 in a throwaway environment
+    venv = work / "trl112-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "trl==1.12.0"], check=True)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        ours_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+        (site / "nlpkit-bench.pth").write_text(ours_site + "\n")  # torch, transformers, ... from this environment
+    script = work / "trl_ppo.py"
+    script.write_text(TRL_SCRIPT)
+    theirs = combine([run_trl(venv, script, {**setting["trl"], "out": str(work / "trl-out"), "seed": seed}, env)
+                      for seed in range(args.seeds)])
+
+    report = {"setting": setting["name"], "updates": setting["trl"]["updates"], "seeds": args.seeds,
+              "nlpkit": ours, "trl_1_12": theirs,
+              "episodes_per_s_ratio": ours["episodes_per_s"] / theirs["episodes_per_s"],
+              "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+              "targets": {"episodes_per_s_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.6"}}
+    print(json.dumps(report, indent=2))
+
+
+def toy_setting(work: Path, env: dict, updates: int) -> dict:
+    """PPO.md's offline toy (the one tests/test_rlhf.py trains): a 2-layer policy and a reward model for positive
+    words, trained once with `nlpkit finetune` (stage: reward); full weights on both sides."""
     import conftest
 
     class Folders:
@@ -86,36 +138,44 @@ def main():
                       "save_strategy": "no", "bf16": False}}))
         subprocess.run([sys.executable, "-m", "nlpkit", "finetune", str(work / "rm.yaml"), "--output-dir", str(rm)],
                        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    # ------------------------------------------------------------------ nlpkit
-    recipe = work / "ppo.yaml"
-    recipe.write_text(json.dumps({
+    ppo = {"batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4, "response_length": 12}
+    recipe = {
         "stage": "rlhf", "model": {"name": str(policy)}, "data": {"train": str(prompts), "max_length": 16},
         "reward": {"model": str(rm)},
-        "ppo": {"total_episodes": 16 * args.updates, "batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4,
-                "response_length": 12, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
+        "ppo": {**ppo, "total_episodes": 16 * updates, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
                 "num_sample_generations": 0, "eval_prompts": 0},
-        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0}}))
-    ours = combine([run_ours(recipe, work, env, seed) for seed in range(args.seeds)])
+        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0}}
+    trl = {**ppo, "policy": str(policy), "rm": str(rm), "prompts": str(prompts), "updates": updates,
+           "max_prompt_tokens": 16, "lr": 3e-4, "bf16": False, "lora": False}
+    return {"name": "toy", "recipe": recipe, "trl": trl}
 
-    # ------------------------------------------------------------------ trl 1.12 in a throwaway environment
-    venv = work / "trl112-venv"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "trl==1.12.0"], check=True)
-        site = next((venv / "lib").glob("python*/site-packages"))
-        ours_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-        (site / "nlpkit-bench.pth").write_text(ours_site + "\n")  # torch, transformers, ... from this environment
-    script = work / "trl_ppo.py"
-    script.write_text(TRL_SCRIPT)
-    theirs = combine([run_trl(venv, script, [policy, rm, prompts, work / "trl-out", args.updates], env, seed)
-                      for seed in range(args.seeds)])
 
-    report = {"updates": args.updates, "seeds": args.seeds, "nlpkit": ours, "trl_1_12": theirs,
-              "episodes_per_s_ratio": ours["episodes_per_s"] / theirs["episodes_per_s"],
-              "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
-              "targets": {"episodes_per_s_ratio": ">= 1.5", "peak_rss_ratio": "<= 0.6"}}
-    print(json.dumps(report, indent=2))
+def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
+    """rlhf-hh-ppo's setting, shortened to a few updates: SmolLM2-135M + LoRA against a 135M reward model."""
+    from nlpkit.data import open_source
+    from nlpkit.models import resolve_model
+    from nlpkit.stages.reward import load_reward_model
+
+    rm = work / "rm-135m"
+    if not (rm / "config.json").is_file():  # one plain classifier both sides can load
+        model, tokenizer = load_reward_model(str(reward_run), "--reward-model")
+        model.save_pretrained(rm)
+        tokenizer.save_pretrained(rm)
+    prompts = work / "hh-prompts.jsonl"
+    rows = open_source("ppo_prompts", "train", "--reward-model", None).rows
+    prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows))
+    policy = resolve_model("smollm2-135m")
+    ppo = {"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 48}
+    lora = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    recipe = {
+        "stage": "rlhf", "model": {"name": "smollm2-135m"}, "data": {"train": str(prompts), "max_length": 64},
+        "reward": {"model": str(rm)}, "peft": lora,
+        "ppo": {**ppo, "total_episodes": 8 * updates, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
+                "num_sample_generations": 0, "eval_prompts": 0},
+        "train": {"learning_rate": 2e-4, "seed": 0, "bf16": True, "weight_decay": 0.0}}
+    trl = {**ppo, "policy": policy, "rm": str(rm), "prompts": str(prompts), "updates": updates,
+           "max_prompt_tokens": 64, "lr": 2e-4, "bf16": True, "lora": True}
+    return {"name": "smollm2-135m + LoRA", "recipe": recipe, "trl": trl}
 
 
 def run_ours(recipe: Path, work: Path, env: dict, seed: int) -> dict:
@@ -128,11 +188,10 @@ def run_ours(recipe: Path, work: Path, env: dict, seed: int) -> dict:
             "first_score": mean([e["objective/scores"] for e in log[:5]]), "final_kl": log[-1]["objective/kl"]}
 
 
-def run_trl(venv: Path, script: Path, argv: list, env: dict, seed: int) -> dict:
-    output, rss = run_measured([str(venv / "bin" / "python"), str(script), *map(str, argv), str(seed)],
-                               {**env, "PYTHONPATH": ""})
+def run_trl(venv: Path, script: Path, run: dict, env: dict) -> dict:
+    output, rss = run_measured([str(venv / "bin" / "python"), str(script), json.dumps(run)], {**env, "PYTHONPATH": ""})
     result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    return {"episodes_per_s": 16 * int(argv[-1]) / result["train_seconds"], "peak_rss_mb": rss,
+    return {"episodes_per_s": run["batch_size"] * run["updates"] / result["train_seconds"], "peak_rss_mb": rss,
             "final_score": mean(result["scores"][-5:]), "first_score": mean(result["scores"][:5]),
             "final_kl": result["kl"][-1], "trl": result["trl"]}
 

@@ -84,15 +84,19 @@ def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, t
     assert (run / "model.safetensors").is_file() and (run / "nlpkit_run.json").is_file()
 
 
-def test_lora_policy_starts_at_the_reference_and_saves_only_the_adapter(tmp_path, toy_llama, toy_reward_model):
+@pytest.mark.parametrize("bf16", [False, True])  # True: the frozen bases are held in bf16, the adapters in fp32
+def test_lora_policy_starts_at_the_reference_and_saves_only_the_adapter(bf16, tmp_path, toy_llama, toy_reward_model):
+    from safetensors.torch import load_file
+
     run = tmp_path / "ppo-lora"
     recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=48, eval_prompts=0)
-    result = nlpkit("rlhf", recipe, "--output-dir", run, "--json")
+    result = nlpkit("rlhf", recipe, f"train.bf16={str(bf16).lower()}", "--output-dir", run, "--json")
     assert result.code == 0, result.stderr
     log = read_log(run)
     assert log[0]["objective/kl"] == 0.0  # [26] LoRA B = 0: the policy IS the reference at step 0
     assert log[-1]["objective/kl"] != 0.0  # and it moved after training
     assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()  # [25] policy only
+    assert {str(w.dtype) for w in load_file(run / "adapter_model.safetensors").values()} == {"torch.float32"}
 
 
 def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_path, toy_llama, toy_reward_model):
@@ -137,6 +141,46 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     assert all(not torch.equal(v, policy_before[k]) for k, v in policy.state_dict().items())  # every weight moved
     assert all(not torch.equal(v, value_before[k]) for k, v in value.state_dict().items())
     assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))  # [3]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps_scoring_unchanged(
+        bf16, tmp_path, toy_llama, toy_reward_model):
+    """[24] with peft: one reward model in memory. The value starts as the reward model, trains only its adapter and
+    its own copy of the score head, and the scores the reward model gives stay exactly what they were."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nlpkit.adapters import apply_peft
+    from nlpkit.config import load_recipe
+    from nlpkit.stages import rlhf
+
+    cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True))
+    tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
+    policy = apply_peft(AutoModelForCausalLM.from_pretrained(toy_llama), cfg.peft, task_type="CAUSAL_LM")
+    scorer = rlhf.Scorer(cfg, bf16, torch.device("cpu"))
+    batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
+    completions, stopped = ["good great happy", "sad the a"] * 8, [True, False] * 8
+    scores_before = scorer.score(batch, completions, stopped)
+    base_rm = scorer.model
+    ids = tokenizer(["the cat sits good"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
+        reward_logits = base_rm(input_ids=ids).logits
+    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    assert value.get_base_model() is base_rm  # shared, not copied
+    trainable = {name: p.dtype for name, p in value.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or ".score.modules_to_save." in name for name in trainable), trainable
+    assert set(trainable.values()) == {torch.float32}  # over a bf16 base too
+    assert {p.dtype for p in base_rm.parameters() if not p.requires_grad} == {torch.bfloat16 if bf16 else torch.float32}
+    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):  # [24] the value head starts as the reward head
+        assert torch.equal(value(input_ids=ids).logits, reward_logits)
+    rollout = rlhf.make_rollout(policy, None, value, tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id],
+                                bf16, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for m in (policy, value) for p in m.parameters() if p.requires_grad], lr=1e-2)
+    rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), bf16)
+    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
+        assert not torch.allclose(value(input_ids=ids).logits, reward_logits)  # the value moved
+    assert scorer.score(batch, completions, stopped) == scores_before  # the reward did not
 
 
 def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):

@@ -70,10 +70,13 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 
 def response_logits(model, query_responses: torch.Tensor, context_len: int, pad_id: int) -> torch.Tensor:
-    """Logits that score the response tokens: position t predicts token t+1, so slice context_len-1 : -1 [6]."""
+    """Logits that score the response tokens: position t predicts token t+1, so slice context_len-1 : -1 [6].
+    Only those positions go through the LM head (logits_to_keep): the vocabulary-wide logits are most of a step's
+    memory, and the prompt's are never used."""
     ids, mask, positions = left_padded_inputs(query_responses, pad_id, response_start=context_len)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    return logits[:, context_len - 1:-1]
+    kept = query_responses.shape[1] - context_len + 1  # positions context_len-1 .. end
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=kept).logits
+    return logits[:, :-1]
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,13 @@ value steps (gradients averaged over processes). The math lives in nlpkit/ppo/co
 numbers in brackets are the items of the PPO checklist (../shared/PPO.md).
 
 With LoRA there is one base model in memory: the policy is the adapter, the reference is the adapter disabled [26].
-The value model is a separate sequence classifier initialised from the reward model [24]. Only the policy is saved.
+The value model is initialised from the reward model [24]: a separate copy for a full-weight policy; with LoRA, an
+adapter on the reward model itself (which scores with it disabled) and its own score head. Only the policy is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -77,11 +79,15 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
     # ------------------------------------------------------------------ models
     scorer = Scorer(cfg, bf16, device)
-    policy = load_model(AutoModelForCausalLM, cfg.model)
     if cfg.peft is not None:
+        # A frozen base is held in bf16 when autocast runs in bf16: every matmul would cast it anyway, and keep the
+        # cast copy for the backward pass. Half the weight memory, and no copies; the adapter trains in fp32.
+        policy = load_model(AutoModelForCausalLM, cfg.model, **({"dtype": torch.bfloat16} if bf16 else {}))
         policy = apply_peft(policy, cfg.peft, task_type="CAUSAL_LM")  # LoRA B = 0: the policy starts at the reference
+        trainable_in_fp32(policy)
         reference = None  # [26] the reference is the policy with its adapter disabled
     else:
+        policy = load_model(AutoModelForCausalLM, cfg.model)
         report.print_parameters(policy)
         reference = copy.deepcopy(policy).requires_grad_(False)  # [11] frozen
     value_model = load_value_model(cfg, ppo, tokenizer, scorer)
@@ -91,7 +97,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
             model.to(device)
     if reference is not None:
         reference.eval()
-    trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
+    trainable = [p for model in (policy, value_model) for p in model.parameters() if p.requires_grad]
     # [22, 25] one optimiser over policy and value; AdamW eps 1e-5 as N+; the LR decays linearly, once per update.
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, eps=1e-5, weight_decay=cfg.train.weight_decay)
     updates = core.num_updates(ppo.total_episodes, ppo.batch_size)  # [23]
@@ -413,15 +419,19 @@ class Scorer:
     reward functions. The same object scores the training rollouts and the before/after evaluation."""
 
     def __init__(self, cfg: Recipe, bf16: bool, device):
+        import torch
+
         self.template = cfg.reward.prompt_template
         self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
         self.weight = cfg.reward.function_weight
         self.bf16 = bf16
         self.model = self.tokenizer = None
+        self.reward_view = contextlib.nullcontext  # the value adapter's disable_adapter when it shares this model
         self.max_length = 1024
         if cfg.reward.model is not None:
             self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
-            self.model.requires_grad_(False).to(device)
+            # Frozen, and only ever run under autocast: held in bf16 when autocast is, at half the memory.
+            self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
             core.disable_dropout(self.model)  # [3]
             manifest = Path(cfg.reward.model) / report.MANIFEST
             if manifest.is_file():  # score no longer text than the reward model was trained on
@@ -435,7 +445,8 @@ class Scorer:
             ids = [self.tokenizer(self.template.format(prompt=record["prompt"]) + completion +
                                   (self.tokenizer.eos_token if stopped else ""))["input_ids"][-self.max_length:]
                    for record, completion, stopped in zip(batch, completions, has_stop)]
-            totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
+            with self.reward_view():
+                totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
         if self.functions:
             prompts = [record["prompt"] for record in batch]
             columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
@@ -446,8 +457,12 @@ class Scorer:
 
 
 def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
-    """The value model: a separate sequence classifier, from the reward model by default [24]. It reads the policy's
-    token ids, so it must share the policy's vocabulary."""
+    """The value model: a sequence classifier, from the reward model by default [24]. It reads the policy's token ids,
+    so it must share the policy's vocabulary.
+
+    With peft the value model is an adapter too: on the reward model itself (which then scores with that adapter
+    disabled) plus a trainable copy of its score head. One reward model in memory, and no gradients or AdamW state for
+    its base: for SmolLM2-135M that is about 2 GB less than a full second copy (benchmarks/ppo_vs_trl.py)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -457,7 +472,9 @@ def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
         model, value_tokenizer = load_reward_model(ppo.value_model, "ppo.value_model")
         key = "ppo.value_model"
     elif scorer.model is not None:
-        model, value_tokenizer, key = copy.deepcopy(scorer.model).cpu(), scorer.tokenizer, "reward.model"
+        shared = cfg.peft is not None
+        model = scorer.model if shared else copy.deepcopy(scorer.model).cpu()
+        value_tokenizer, key = scorer.tokenizer, "reward.model"
     else:  # reward functions only: the policy's base with a fresh one-output head
         model = load_model(AutoModelForSequenceClassification, ModelSection(**cfg.model.model_dump()), num_labels=1,
                            pad_token_id=tokenizer.pad_token_id)
@@ -465,8 +482,23 @@ def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
     if value_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise NlpkitError(f"{key}: the value model starts from it, but its vocabulary differs from the policy's "
                           f"({cfg.model.name}); train the reward model from the same base, or set ppo.value_model")
-    model.requires_grad_(True)
-    return model.to(torch.float32)
+    if cfg.peft is None:
+        return model.to(torch.float32).requires_grad_(True)
+    frozen_dtype = torch.bfloat16 if scorer.bf16 else torch.float32  # as the policy's base, and the Scorer's model
+    value_model = apply_peft(model.to(frozen_dtype), cfg.peft, task_type="SEQ_CLS")  # SEQ_CLS: a trainable head copy
+    trainable_in_fp32(value_model)
+    if model is scorer.model:
+        scorer.reward_view = value_model.disable_adapter
+    return value_model
+
+
+def trainable_in_fp32(model) -> None:
+    """Adapters and head copies train in fp32 over a bf16 base (AdamW updates vanish in bf16's 8-bit mantissa)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float32)
 
 
 def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection, stop_ids: list[int],
@@ -490,8 +522,6 @@ def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: 
                          stop_ids: list[int], bf16: bool, device, rank: int, world: int, gather) -> float:
     """[10] The mean score (no EOS penalty) of responses the reference samples as in the rollout; each process
     scores its share of the prompts. With LoRA the reference is the policy with its adapter disabled [26]."""
-    import contextlib
-
     import torch
 
     model = policy if reference is None else reference

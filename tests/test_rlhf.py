@@ -310,7 +310,10 @@ def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, toy_lla
 
     from safetensors.torch import load_file
 
-    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=160, eval_prompts=8)
+    # With the adaptive KL controller [13] (its coefficient is restored from the checkpoint) and the reward baseline
+    # [10] (measured again on resume, from the same seed), so both must come back exactly.
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=160, eval_prompts=8,
+                         kl_target=0.5, kl_horizon=64, reward_baseline_prompts=16)
     raw = yaml.safe_load(Path(recipe).read_text())
     raw["train"] |= {"save_strategy": "steps", "save_steps": 2}
     Path(recipe).write_text(yaml.safe_dump(raw))
@@ -330,8 +333,10 @@ def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, toy_lla
     assert "resuming from" in killed.with_suffix(".err").read_text()
     expected, got = (json.loads((run / "metrics.json").read_text()) for run in (reference, killed))
     assert got["episodes"] == expected["episodes"] == 160  # the episode count continued, not restarted
-    for key in ("eval_score_before", "eval_score_after", "objective/kl", "objective/scores"):
+    for key in ("eval_score_before", "eval_score_after", "objective/kl", "objective/scores", "reward_bias"):
         assert got[key] == pytest.approx(expected[key], abs=1e-3), key
+    coefs = [[e["objective/kl_coef"] for e in read_log(run)] for run in (reference, killed)]
+    assert coefs[1] == pytest.approx(coefs[0], rel=1e-3) and coefs[0][-1] != 0.05  # restored, and it did move
     assert [e["step"] for e in read_log(killed)] == list(range(1, 11))  # every update once
     before, after = (load_file(run / "adapter_model.safetensors") for run in (reference, killed))
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-5
@@ -352,9 +357,12 @@ def test_ppo_watchdog_stops_a_collapsed_policy_with_exit_3(tmp_path, toy_llama, 
 
 def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, toy_reward_model):
     """Each process rolls out half of every update; the logged objective/scores and objective/kl are the means over
-    all 16 episodes, which samples.jsonl lists (every episode of the sampled updates, from both processes)."""
+    all 16 episodes, which samples.jsonl lists (every episode of the sampled updates, from both processes); with
+    the adaptive KL controller and the reward baseline on."""
+    from nlpkit.ppo import core
+
     recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True, total_episodes=64, eval_prompts=8,
-                         num_sample_generations=4)
+                         num_sample_generations=4, kl_target=0.5, kl_horizon=64, reward_baseline_prompts=16)
     run = tmp_path / "ppo-2"
     process = rlhf_process(recipe, run, "--num-processes", "2")
     assert process.wait() == 0, run.with_suffix(".err").read_text()
@@ -367,6 +375,9 @@ def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, t
         assert entry["objective/scores"] == pytest.approx(sum(r["score"] for r in rows) / 16, abs=1e-5)
         assert entry["objective/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 16, abs=1e-5)
     assert log[-1]["objective/kl"] > 0  # the policy moved
+    for before, after in zip(log, log[1:]):  # [13] one coefficient for both processes, from the whole batch's KL
+        assert after["objective/kl_coef"] == pytest.approx(core.adaptive_kl_coef(
+            before["objective/kl_coef"], before["objective/kl"], 0.5, 64, 16))
     stderr = run.with_suffix(".err").read_text()
     assert stderr.count("update 1/4 ") == 1 and "eos" in stderr  # one process talks
     assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())

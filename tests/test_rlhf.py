@@ -143,6 +143,23 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))  # [3]
 
 
+def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path, toy_llama, toy_reward_model):
+    """[8, 9] the reward model was trained with the score at the EOS: a response with no stop token (cut at
+    response_length) is scored with the EOS appended, not at its last token, and the penalty alone marks it."""
+    import torch
+
+    from nlpkit.config import load_recipe
+    from nlpkit.stages import rlhf
+    from nlpkit.stages.reward import score_ids
+
+    scorer = rlhf.Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    text = "the cat sits good great"
+    ids = scorer.tokenizer(text)["input_ids"]
+    at_eos, at_last = score_ids(scorer.model, [ids + [scorer.tokenizer.eos_token_id], ids], 0, False)
+    assert at_eos != at_last
+    assert scorer.score([{"prompt": "the cat sits"}], [" good great"]) == [at_eos]
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps_scoring_unchanged(
         bf16, tmp_path, toy_llama, toy_reward_model):
@@ -160,8 +177,8 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     policy = apply_peft(AutoModelForCausalLM.from_pretrained(toy_llama), cfg.peft, task_type="CAUSAL_LM")
     scorer = rlhf.Scorer(cfg, bf16, torch.device("cpu"))
     batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
-    completions, stopped = ["good great happy", "sad the a"] * 8, [True, False] * 8
-    scores_before = scorer.score(batch, completions, stopped)
+    completions = ["good great happy", "sad the a"] * 8
+    scores_before = scorer.score(batch, completions)
     base_rm = scorer.model
     ids = tokenizer(["the cat sits good"], return_tensors="pt")["input_ids"]
     with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
@@ -180,7 +197,7 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), bf16)
     with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
         assert not torch.allclose(value(input_ids=ids).logits, reward_logits)  # the value moved
-    assert scorer.score(batch, completions, stopped) == scores_before  # the reward did not
+    assert scorer.score(batch, completions) == scores_before  # the reward did not
 
 
 def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
@@ -265,7 +282,7 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
     records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
-    assert scorer.score(records * 2, ["so #### 2", "#### 3"], [True, True]) == [1.0, 0.0]
+    assert scorer.score(records * 2, ["so #### 2", "#### 3"]) == [1.0, 0.0]
 
 
 def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor():  # [4]
@@ -308,6 +325,7 @@ def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, toy_lla
     import signal
     import time
 
+    import torch
     from safetensors.torch import load_file
 
     # With the adaptive KL controller [13] (its coefficient is restored from the checkpoint) and the reward baseline
@@ -319,6 +337,9 @@ def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, toy_lla
     Path(recipe).write_text(yaml.safe_dump(raw))
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert rlhf_process(recipe, reference).wait() == 0, reference.with_suffix(".err").read_text()
+    state = torch.load(reference / "checkpoints" / "checkpoint-10" / "ppo_state.pt", weights_only=True)
+    # trainable weights only: the adapters and the value head, not the frozen bases
+    assert all("lora_" in key or "modules_to_save" in key for part in ("policy", "value_model") for key in state[part])
 
     process = rlhf_process(recipe, killed)
     kill_at = random.Random().randint(3, 8)  # updates; the first checkpoint is written after update 2

@@ -20,7 +20,7 @@ from nlpkit.config import GRPOSection, Recipe
 from nlpkit.data import open_source
 from nlpkit.models import bf16_is_fast, load_tokenizer, resolve_model
 from nlpkit.stages.reward import distinct_pad
-from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records, stop_token_ids
+from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records
 
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
@@ -36,7 +36,6 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
     tokenizer = distinct_pad(load_tokenizer(cfg.model), "model.name")
     tokenizer.padding_side = "left"
-    stop_ids = stop_token_ids(tokenizer, None)
     rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
     records = prompt_records(rows, prompt_column(rows, cfg.data.text_column))
     if cfg.data.max_train_samples:
@@ -46,12 +45,11 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                                           for r in records])
     scorer = Scorer(cfg, bf16, torch.device("cpu"))
 
-    def reward(prompts, completions, completion_ids, **columns):
+    def reward(prompts, completions, completion_ids, **columns):  # completion_ids: trl's, not a prompt column
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         batch = [{**{k: v[i] for k, v in columns.items() if isinstance(v, list)},
                   "prompt": p[-1]["content"] if isinstance(p, list) else p} for i, p in enumerate(prompts)]
-        stopped = [any(t in stop_ids for t in ids) for ids in completion_ids]
-        return scorer.score(batch, texts, stopped)
+        return scorer.score(batch, texts)
 
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if cfg.algo == "grpo" else (RLOOConfig, RLOOTrainer)
     kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)

@@ -224,7 +224,7 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
     ref_logprobs = ref_logprobs.masked_fill(pad_mask, core.INVALID_LOGPROB)
     values = values.masked_fill(pad_mask, 0.0)
     completions = decode_responses(tokenizer, responses, ends, has_stop)
-    raw_scores = torch.tensor(scorer.score(batch, completions, has_stop.tolist()), device=responses.device)
+    raw_scores = torch.tensor(scorer.score(batch, completions), device=responses.device)
     raw_scores = core.normalized_scores(raw_scores, reward_bias, ppo.reward_clip)  # [10]
     scores = core.apply_missing_eos_penalty(raw_scores, has_stop, ppo.missing_eos_penalty)  # [9]
 
@@ -347,7 +347,8 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
 def save_checkpoint(output_dir: Path, cfg: Recipe, update: int, episode: int, pool: list[dict], *, policy,
                     value_model, optimizer, scheduler, order, generator, kl_coef: float) -> None:
     """Everything the next update depends on, written to a temporary folder and renamed: a checkpoint appears whole
-    or not at all. The policy part is its trainable parameters (the adapter with LoRA); kl_coef is the adaptive
+    or not at all. Policy and value are their trainable parameters (with LoRA: the adapters and the value head, not
+    the frozen bases the recipe loads again); kl_coef is the adaptive
     controller's current value (the recipe's, which --resume checks is unchanged, when it is off)."""
     import torch
 
@@ -355,8 +356,8 @@ def save_checkpoint(output_dir: Path, cfg: Recipe, update: int, episode: int, po
     staging = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    state = {"policy": {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
-             "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"policy": trainable_weights(policy), "value_model": trainable_weights(value_model),
+             "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "order": order.getstate(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(), "episode": episode, "pool": pool, "kl_coef": kl_coef}
     torch.save(state, staging / "ppo_state.pt")
@@ -371,10 +372,13 @@ def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, 
     import torch
 
     state = torch.load(folder / "ppo_state.pt", weights_only=True)
-    unexpected = policy.load_state_dict(state["policy"], strict=False).unexpected_keys
-    if unexpected:
-        raise NlpkitError(f"--resume: {folder} holds policy weights this recipe's policy lacks ({unexpected[0]}, ...)")
-    value_model.load_state_dict(state["value_model"])
+    for name, model in (("policy", policy), ("value_model", value_model)):
+        trainable = trainable_weights(model)
+        if state[name].keys() != trainable.keys():
+            odd = sorted(state[name].keys() ^ trainable.keys())[0]
+            raise NlpkitError(f"--resume: {folder} holds other {name} weights than this recipe trains ({odd}, ...); "
+                              "resume with the recipe the run started with")
+        model.load_state_dict(state[name], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.setstate(_as_tuples(state["order"]))
@@ -382,6 +386,10 @@ def load_checkpoint(folder: Path, *, policy, value_model, optimizer, scheduler, 
     torch.set_rng_state(state["torch_rng"])
     update = json.loads((folder / training.MARKER).read_text())["step"]
     return update + 1, state["episode"], state["pool"], state.get("kl_coef", kl_coef)
+
+
+def trainable_weights(model) -> dict:
+    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
 def _as_tuples(value):
@@ -437,14 +445,17 @@ class Scorer:
             if manifest.is_file():  # score no longer text than the reward model was trained on
                 self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
 
-    def score(self, batch: list[dict], completions: list[str], has_stop: list[bool]) -> list[float]:
+    def score(self, batch: list[dict], completions: list[str]) -> list[float]:
         totals = [0.0] * len(completions)
         if self.model is not None:
-            # The EOS goes back on when the policy stopped: RewardTrainer trained on text + EOS and reads the score
-            # there [8]. A response cut by the window has no EOS and is read at its last token (and penalised [9]).
+            # Every text ends in the EOS and is scored there [8]: RewardTrainer trained on text + EOS, and what the
+            # head says at any other token is untrained (reward-hh read 0.86 higher, on average, at a reply's last
+            # token than at its EOS, which outweighed the missing-EOS penalty and taught the policy not to stop).
+            # A response cut by the window is scored as if it ended there, and loses missing_eos_penalty [9]
+            # (OpenRLHF likewise writes an EOS at the end of every sequence).
             ids = [self.tokenizer(self.template.format(prompt=record["prompt"]) + completion +
-                                  (self.tokenizer.eos_token if stopped else ""))["input_ids"][-self.max_length:]
-                   for record, completion, stopped in zip(batch, completions, has_stop)]
+                                  self.tokenizer.eos_token)["input_ids"][-self.max_length:]
+                   for record, completion in zip(batch, completions)]
             with self.reward_view():
                 totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
         if self.functions:
@@ -543,7 +554,7 @@ def respond_and_score(respond, tokenizer, scorer: Scorer, prompts: list[dict], s
         batch = prompts[start:start + batch_size]
         responses = respond(encode_prompts(tokenizer, [record["prompt"] for record in batch], device))
         ends, has_stop = core.end_indices(responses, stop_ids)
-        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop), has_stop.tolist())
+        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop))
         stops += has_stop.tolist()
     return scores, stops
 

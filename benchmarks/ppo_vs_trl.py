@@ -138,16 +138,8 @@ def toy_setting(work: Path, env: dict, updates: int) -> dict:
                       "save_strategy": "no", "bf16": False}}))
         subprocess.run([sys.executable, "-m", "nlpkit", "finetune", str(work / "rm.yaml"), "--output-dir", str(rm)],
                        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ppo = {"batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4, "response_length": 12}
-    recipe = {
-        "stage": "rlhf", "model": {"name": str(policy)}, "data": {"train": str(prompts), "max_length": 16},
-        "reward": {"model": str(rm)},
-        "ppo": {**ppo, "total_episodes": 16 * updates, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
-                "num_sample_generations": 0, "eval_prompts": 0},
-        "train": {"learning_rate": 3e-4, "seed": 0, "bf16": False, "weight_decay": 0.0}}
-    trl = {**ppo, "policy": str(policy), "rm": str(rm), "prompts": str(prompts), "updates": updates,
-           "max_prompt_tokens": 16, "lr": 3e-4, "bf16": False, "lora": False}
-    return {"name": "toy", "recipe": recipe, "trl": trl}
+    return setting("toy", str(policy), str(policy), rm, prompts, updates, max_prompt_tokens=16, lr=3e-4, bf16=False,
+                   lora=False, ppo={"batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4, "response_length": 12})
 
 
 def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
@@ -164,18 +156,26 @@ def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
     prompts = work / "hh-prompts.jsonl"
     rows = open_source("ppo_prompts", "train", "--reward-model", None).rows
     prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows))
-    policy = resolve_model("smollm2-135m")
-    ppo = {"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 48}
-    lora = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    return setting("smollm2-135m + LoRA", "smollm2-135m", resolve_model("smollm2-135m"), rm, prompts, updates,
+                   max_prompt_tokens=64, lr=2e-4, bf16=True, lora=True,
+                   ppo={"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 48})
+
+
+def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, updates: int, *, max_prompt_tokens: int,
+            lr: float, bf16: bool, lora: bool, ppo: dict) -> dict:
+    """One PPO setting, as our recipe and as the trl script's arguments. Shared by both sides: temperature 0.7,
+    kl_coef 0.05, missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
     recipe = {
-        "stage": "rlhf", "model": {"name": "smollm2-135m"}, "data": {"train": str(prompts), "max_length": 64},
-        "reward": {"model": str(rm)}, "peft": lora,
-        "ppo": {**ppo, "total_episodes": 8 * updates, "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0,
-                "num_sample_generations": 0, "eval_prompts": 0},
-        "train": {"learning_rate": 2e-4, "seed": 0, "bf16": True, "weight_decay": 0.0}}
-    trl = {**ppo, "policy": policy, "rm": str(rm), "prompts": str(prompts), "updates": updates,
-           "max_prompt_tokens": 64, "lr": 2e-4, "bf16": True, "lora": True}
-    return {"name": "smollm2-135m + LoRA", "recipe": recipe, "trl": trl}
+        "stage": "rlhf", "model": {"name": model}, "data": {"train": str(prompts), "max_length": max_prompt_tokens},
+        "reward": {"model": str(rm)},
+        "ppo": {**ppo, "total_episodes": ppo["batch_size"] * updates, "temperature": 0.7, "kl_coef": 0.05,
+                "missing_eos_penalty": 1.0, "num_sample_generations": 0, "eval_prompts": 0},
+        "train": {"learning_rate": lr, "seed": 0, "bf16": bf16, "weight_decay": 0.0}}
+    if lora:
+        recipe["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    trl = {**ppo, "policy": policy_dir, "rm": str(rm), "prompts": str(prompts), "updates": updates,
+           "max_prompt_tokens": max_prompt_tokens, "lr": lr, "bf16": bf16, "lora": lora}
+    return {"name": name, "recipe": recipe, "trl": trl}
 
 
 def run_ours(recipe: Path, work: Path, env: dict, seed: int) -> dict:

@@ -5,8 +5,9 @@
 
 Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is
 -log sigmoid(r_chosen - r_rejected), with r read at the last real token. Every text gets the EOS appended (as trl
-would), so the score is read AT the EOS: `nlpkit rlhf` scores policy responses the same way. Pad is never the EOS (PPO.md item 1):
-the classifier finds the last real token by the first pad, and a pad equal to EOS would hide the token it scores.
+would), so the score is read AT the EOS: `nlpkit rlhf` scores policy responses the same way. Pad is never the EOS
+(PPO.md item 1): the classifier finds the last real token by the first pad, and a pad equal to EOS would hide the
+token it scores.
 """
 
 from __future__ import annotations

@@ -86,13 +86,14 @@ def test_each_method_trains_a_decoder_and_reloads_to_the_same_logits(method, tmp
 
 
 def test_qlora_learns_the_topic_task(tmp_path, tiny_bert):
-    # A random tiny BERT at lr 1e-3 sits at ln(3) for 20 steps with or without quantization (a CI run once failed on
-    # that noise), so this trains at 1e-2 where full fine-tuning and QLoRA both leave chance level: 1.1 -> about 0.5.
-    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=30, logging_steps=1,
+    # A random tiny BERT sits near ln(3) for 10-20 steps before it learns, and batch-of-8 losses are noisy, so 30 steps
+    # compared five against five failed in CI for one random init in about eight. Over 14 inits, 60 steps at lr 1e-2
+    # put the last ten steps' mean at 0.01-0.70 of the first ten's.
+    out, _ = train_classifier(tmp_path, tiny_bert, "--lora", "--bits", "4", max_steps=60, logging_steps=1,
                               learning_rate=1e-2)
     losses = [row["loss"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in row]
-    assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+    assert len(losses) == 60
+    assert sum(losses[-10:]) < 0.75 * sum(losses[:10])
     manifest = json.loads((out / "nlpkit_run.json").read_text())
     assert manifest["config"]["quant"]["bits"] == 4 and manifest["config"]["peft"]["method"] == "lora"
 

@@ -15,8 +15,8 @@ With --reward-model both sides run the rlhf-hh-ppo recipe's setting instead, whe
 SmolLM2-135M policy with a LoRA adapter (r 16, all linear layers; the reference is the adapter disabled on both
 sides), the given reward run (merged into a plain classifier, which also starts the value model), the ppo_prompts
 set through the data mirror ($NLPKIT_DATA_DIR) in the chat template, 8 episodes per update, 2 minibatches, 2 epochs,
-48 tokens, lr 2e-4, bf16 autocast. Scores are not compared there: trl scores the chat-formatted tokens, nlpkit the
-plain prompt and reply.
+48 tokens, lr 3e-4, kl_coef 0.1, bf16 autocast. Scores are not compared there: trl scores the chat-formatted tokens,
+nlpkit the plain prompt and reply.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ args = PPOConfig(output_dir=run["out"], report_to="none", use_cpu=True, bf16=run
                  learning_rate=run["lr"], per_device_train_batch_size=run["batch_size"],
                  gradient_accumulation_steps=1, num_mini_batches=run["num_mini_batches"],
                  num_ppo_epochs=run["num_ppo_epochs"], total_episodes=run["batch_size"] * run["updates"],
-                 response_length=run["response_length"], temperature=0.7, kl_coef=0.05, missing_eos_penalty=1.0,
-                 stop_token="eos", num_sample_generations=0, logging_steps=1, save_strategy="no")
+                 response_length=run["response_length"], temperature=0.7, kl_coef=run["kl_coef"],
+                 missing_eos_penalty=1.0, stop_token="eos", num_sample_generations=0, logging_steps=1,
+                 save_strategy="no")
 peft_config = None
 if run["lora"]:
     from peft import LoraConfig
@@ -139,7 +140,8 @@ def toy_setting(work: Path, env: dict, updates: int) -> dict:
         subprocess.run([sys.executable, "-m", "nlpkit", "finetune", str(work / "rm.yaml"), "--output-dir", str(rm)],
                        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return setting("toy", str(policy), str(policy), rm, prompts, updates, max_prompt_tokens=16, lr=3e-4, bf16=False,
-                   lora=False, ppo={"batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4, "response_length": 12})
+                   lora=False, ppo={"batch_size": 16, "num_mini_batches": 2, "num_ppo_epochs": 4, "response_length": 12,
+                                    "kl_coef": 0.05})
 
 
 def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
@@ -157,18 +159,19 @@ def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
     rows = open_source("ppo_prompts", "train", "--reward-model", None).rows
     prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows))
     return setting("smollm2-135m + LoRA", "smollm2-135m", resolve_model("smollm2-135m"), rm, prompts, updates,
-                   max_prompt_tokens=64, lr=2e-4, bf16=True, lora=True,
-                   ppo={"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 48})
+                   max_prompt_tokens=64, lr=3e-4, bf16=True, lora=True,
+                   ppo={"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 48,
+                        "kl_coef": 0.1})
 
 
 def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, updates: int, *, max_prompt_tokens: int,
             lr: float, bf16: bool, lora: bool, ppo: dict) -> dict:
     """One PPO setting, as our recipe and as the trl script's arguments. Shared by both sides: temperature 0.7,
-    kl_coef 0.05, missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
+    missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
     recipe = {
         "stage": "rlhf", "model": {"name": model}, "data": {"train": str(prompts), "max_length": max_prompt_tokens},
         "reward": {"model": str(rm)},
-        "ppo": {**ppo, "total_episodes": ppo["batch_size"] * updates, "temperature": 0.7, "kl_coef": 0.05,
+        "ppo": {**ppo, "total_episodes": ppo["batch_size"] * updates, "temperature": 0.7,
                 "missing_eos_penalty": 1.0, "num_sample_generations": 0, "eval_prompts": 0},
         "train": {"learning_rate": lr, "seed": 0, "bf16": bf16, "weight_decay": 0.0}}
     if lora:

@@ -77,8 +77,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (toy 30, SmolLM2 5)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ppo-bench"))
-    # One run's final score is mostly noise on this toy: trl with seed 0 gave 1.42 and 1.54 in two runs; seeds 0-4
-    # of ours gave 1.57-1.85, seeds 0-2 of trl 1.54-1.67. Compare means over seeds before calling a difference real.
+    # One run's final score is mostly noise on this toy: trl with seed 0 gave 1.38 to 1.54 in four runs; seeds 0-4
+    # of ours gave 1.57-1.86, seeds 0-2 of trl 1.50-1.67. Compare means over seeds before calling a difference real.
     parser.add_argument("--seeds", type=int, default=1, help="runs per side: seeds 0..N-1")
     parser.add_argument("--reward-model", type=Path, default=None,
                         help="a SmolLM2-135M reward run (recipes/reward-hh.yaml): benchmark at that scale with LoRA")

@@ -155,7 +155,8 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     scorer = rlhf.Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
     text = "the cat sits good great"
     ids = scorer.tokenizer(text)["input_ids"]
-    at_eos, at_last = score_ids(scorer.model, [ids + [scorer.tokenizer.eos_token_id], ids], 0, False)
+    tokenizer = scorer.tokenizer
+    at_eos, at_last = score_ids(scorer.model, [ids + [tokenizer.eos_token_id], ids], tokenizer.pad_token_id, False)
     assert at_eos != at_last
     assert scorer.score([{"prompt": "the cat sits"}], [" good great"]) == [at_eos]
 

@@ -4,6 +4,8 @@ Pure functions on hand-made tensors here; the items that need a model (ratio = 1
 unchanged, KL = 0 at step 0 with LoRA, dropout off) run the real loop in tests/test_rlhf.py.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from nlpkit.ppo import core
 EOS, PAD = 5, 0
 
 
-def test_end_indices_and_truncation_after_the_first_stop_token():  # [7, 8]
+def test_end_indices_and_everything_after_the_first_stop_token_is_padding():  # [7, 8, 15]
     responses = torch.tensor([[7, 8, EOS, 9, EOS],   # stops at 2; what follows is garbage
                               [7, 7, 7, 7, 7],       # no EOS: the last generated token ends it
                               [EOS, 3, 3, 3, 3],     # stops at once
@@ -20,8 +22,8 @@ def test_end_indices_and_truncation_after_the_first_stop_token():  # [7, 8]
     ends, has_stop = core.end_indices(responses, [EOS])
     assert ends.tolist() == [2, 4, 0, 4]
     assert has_stop.tolist() == [True, False, True, True]
-    post = core.truncate_after_stop(responses, [EOS], PAD)
-    assert post.tolist() == [[7, 8, EOS, PAD, PAD], [7, 7, 7, 7, 7], [EOS, PAD, PAD, PAD, PAD], [4, 9, 6, 2, EOS]]
+    assert core.padding_mask(ends, 5).tolist() == [[False, False, False, True, True], [False] * 5,
+                                                   [False, True, True, True, True], [False] * 5]
 
 
 def test_any_configured_stop_token_counts_not_just_eos():  # [9]: TRL #3750
@@ -114,9 +116,9 @@ def test_policy_loss_clips_and_reports_fractions_in_range():  # [19, 27]
     adv = torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
     loss, stats = core.policy_loss(new, old, adv, mask, cliprange=0.2)
-    ratio = new.exp()
-    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
-    assert loss.item() == pytest.approx(per_token[mask].mean().item())
+    # by hand, max(-A r, -A clip(r, 0.8, 1.2)) per valid token: -1; -1.2 (r = e^0.5 clipped); 0.8 (r = e^-0.5
+    # clipped); -e^0.1; e^-0.1 (both inside the range)
+    assert loss.item() == pytest.approx((-1 - 1.2 + 0.8 - math.exp(0.1) + math.exp(-0.1)) / 5)
     # clipped term larger: token (0,1) ratio 1.65 with A>0 and (0,2) ratio 0.61 with A<0; (1,2) is masked
     assert stats["clipfrac"].item() == pytest.approx(2 / 5)
     assert 0 <= stats["clipfrac"] <= 1
@@ -150,18 +152,13 @@ def test_num_updates_rounds_up():  # [23]
     assert core.num_updates(100, 16) == 7 and core.num_updates(96, 16) == 6
 
 
-def test_disable_dropout_zeroes_every_dropout():  # [3]
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
-    core.disable_dropout(model)
-    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-
-
 
 def test_whitening_over_processes_equals_whitening_the_whole_batch():
     """[16, 18] with all_sum, each process's half is whitened with the statistics of the whole batch. Two threads
     stand in for two processes; all_sum is an all-reduce between them."""
     import threading
 
+    torch.manual_seed(0)
     values, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3
     halves = [(values[:3], mask[:3]), (values[3:], mask[3:])]
     slots, barrier, results = [None, None], threading.Barrier(2), [None, None]

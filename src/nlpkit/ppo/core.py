@@ -14,13 +14,6 @@ import torch.nn.functional as F
 INVALID_LOGPROB = 1.0  # sentinel in both log-prob tensors after the end (TRL's value): ratio there is exp(0) = 1 [15]
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout makes the rollout log-probs and the training log-probs disagree for identical weights [3]."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # ---------------------------------------------------------------------------------------------- tokens
 
 
@@ -46,12 +39,6 @@ def end_indices(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Ten
     first = torch.where(has_stop, is_stop.float().argmax(1), torch.full_like(has_stop, responses.shape[1] - 1,
                                                                               dtype=torch.long))
     return first.long(), has_stop
-
-
-def truncate_after_stop(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """The "postprocessed response": every token after the first stop token becomes pad; the stop token stays [7]."""
-    ends, _ = end_indices(responses, stop_ids)
-    return responses.masked_fill(padding_mask(ends, responses.shape[1]), pad_id)
 
 
 def padding_mask(ends: torch.Tensor, length: int) -> torch.Tensor:

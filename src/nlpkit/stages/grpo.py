@@ -4,8 +4,9 @@
 
 The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
 reward function, which avoids trl's traps on this stack (PPO.md, "What we saw"): the reward model is never given to
-trl, so no hub lookup for its tokenizer, and the EOS RewardTrainer trained with is put back when the policy stopped
-(trl decodes completions without it). beta > 0 keeps a KL to the reference; the policy is loaded from its path (a
+trl, so no hub lookup for its tokenizer, and every completion is scored with the EOS RewardTrainer trained with
+appended (trl decodes completions without it), a completion cut at max_completion_length too: unlike our PPO there
+is no missing-EOS penalty. beta > 0 keeps a KL to the reference; the policy is loaded from its path (a
 model built in memory makes trl fail to rebuild the reference), and with LoRA the reference is the disabled adapter.
 """
 
@@ -20,12 +21,11 @@ from nlpkit.config import GRPOSection, Recipe
 from nlpkit.data import open_source
 from nlpkit.models import bf16_is_fast, load_tokenizer, resolve_model
 from nlpkit.stages.reward import distinct_pad
-from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records
+from nlpkit.stages.rlhf import Scorer, process_device, prompt_column, prompt_records
 
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import datasets
-    import torch
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -43,7 +43,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     # Conversational prompts: trl renders them with the policy's chat template, as `nlpkit chat` does.
     dataset = datasets.Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
                                           for r in records])
-    scorer = Scorer(cfg, bf16, torch.device("cpu"))
+    scorer = Scorer(cfg, bf16, process_device())  # where trl puts this process's policy
 
     def reward(prompts, completions, completion_ids, **columns):  # completion_ids: trl's, not a prompt column
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

@@ -59,13 +59,15 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)  # every device
     ppo = cfg.ppo or PPOSection()
     rank, world, all_sum, gather = process_group()  # --num-processes: each process rolls out its own prompts
-    per_process = ppo.episodes_per_process(world)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    per_process = ppo.episodes_per_process(world, cfg.train.gradient_accumulation_steps)
+    device = process_device()
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
 
     # ------------------------------------------------------------------ prompts: train, and held out for the eval
     tokenizer = distinct_pad(load_tokenizer(cfg.model), "model.name")  # [1]
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # [2]; long prompts keep their end
+    # data.max_length caps the prompt's tokens (encode_prompts truncates to model_max_length); restored on saving.
+    context_length, tokenizer.model_max_length = tokenizer.model_max_length, cfg.data.max_length
     stop_ids = stop_token_ids(tokenizer, ppo.stop_token)
     rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
     column = prompt_column(rows, cfg.data.text_column)
@@ -93,10 +95,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     value_model = load_value_model(cfg, ppo, tokenizer, scorer)
     for model in (policy, reference, value_model):
         if model is not None:
-            core.disable_dropout(model)  # [3]
-            model.to(device)
-    if reference is not None:
-        reference.eval()
+            model.to(device).eval()  # [3] eval mode throughout, training included: no dropout of any kind
     trainable = [p for model in (policy, value_model) for p in model.parameters() if p.requires_grad]
     # [22, 25] one optimiser over policy and value; AdamW eps 1e-5 as N+; the LR decays linearly, once per update.
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, eps=1e-5, weight_decay=cfg.train.weight_decay)
@@ -176,7 +175,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         metrics["eval_score_gain"] = metrics["eval_score_after"] - metrics["eval_score_before"]
         metrics["eval_prompts"] = len(eval_prompts)
     policy.save_pretrained(output_dir)  # with LoRA: the adapter only
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side, tokenizer.model_max_length = "right", context_length  # as chat and serve read it
     tokenizer.save_pretrained(output_dir)
     base = policy.get_base_model() if cfg.peft is not None else policy
     base.generation_config.save_pretrained(output_dir)
@@ -247,7 +246,7 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
         "objective/response_length": (ends + 1).float().mean().item(),
     }
     return {"pad_id": tokenizer.pad_token_id, "query_responses": query_responses, "responses": responses,
-            "context": context, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "context": context, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
             "pad_mask": pad_mask, "completions": completions, "scores": scores, "kl": kl.sum(1), "stats": stats}
 
 
@@ -290,8 +289,10 @@ def train_on_rollout(policy, value_model, optimizer, rollout: dict, ppo: PPOSect
     averages the gradients over processes before each step, as DDP would."""
     import torch
 
-    policy.train()
-    value_model.train()
+    # Eval mode while training too: PPO trains with no dropout [3], and zeroing nn.Dropout modules is not enough,
+    # since some models take a rate from their config in train mode (Llama's attention_dropout).
+    policy.eval()
+    value_model.eval()
     device = rollout["responses"].device
     sums, count, first_ratio_dev, norms = {}, 0, None, []
     for _ in range(ppo.num_ppo_epochs):
@@ -439,8 +440,7 @@ class Scorer:
         if cfg.reward.model is not None:
             self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
             # Frozen, and only ever run under autocast: held in bf16 when autocast is, at half the memory.
-            self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
-            core.disable_dropout(self.model)  # [3]
+            self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32).eval()  # [3]
             manifest = Path(cfg.reward.model) / report.MANIFEST
             if manifest.is_file():  # score no longer text than the reward model was trained on
                 self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
@@ -582,12 +582,16 @@ def prompt_column(rows: Rows, chosen: str | None) -> str:
 
 def prompt_records(rows: Rows, column: str) -> list[dict]:
     """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
-    records = []
+    records, columns = [], set(rows.rows[0])
     for i, row in enumerate(rows.rows):
         text = row.get(column)
         if not isinstance(text, str) or not text.strip():
             raise NlpkitError(f"{rows.where(i)}: prompt column {column!r} is missing or empty; fill it or remove "
                               "the row")
+        if set(row) != columns:  # reward functions get every column as a list over the batch
+            odd = sorted(set(row) ^ columns)
+            raise NlpkitError(f"{rows.where(i)}: columns differ from the first row's ({', '.join(odd)}); give every "
+                              "prompt row the same columns")
         records.append({**{k: v for k, v in row.items() if k != column}, "prompt": text})
     return records
 
@@ -607,13 +611,14 @@ def split_prompts(rows: Rows, column: str, cfg: Recipe, ppo: PPOSection) -> tupl
 
 
 def encode_prompts(tokenizer, prompts: list[str], device):
-    """Left-padded prompt ids [2]; a tokenizer with a chat template wraps each prompt as a user turn."""
+    """Left-padded prompt ids [2], at most tokenizer.model_max_length of them (cut on the tokenizer's truncation
+    side); a tokenizer with a chat template wraps each prompt as a user turn."""
     if tokenizer.chat_template:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
-        batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        batch = tokenizer(texts, padding=True, truncation=True, add_special_tokens=False, return_tensors="pt")
     else:
-        batch = tokenizer(prompts, padding=True, return_tensors="pt")
+        batch = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
     return batch["input_ids"].to(device)
 
 
@@ -663,6 +668,13 @@ def process_group():
         return values
 
     return dist.get_rank(), dist.get_world_size(), all_sum, gather
+
+
+def process_device():
+    """This process's GPU (LOCAL_RANK under accelerate launch) when there is one, else the CPU."""
+    import torch
+
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
 
 def average_gradients(params, all_sum, world: int) -> None:

@@ -191,7 +191,14 @@ CASES = {
         lambda t, m: ["rlhf", write(t, "r.yaml", f"stage: rlhf\nmodel: {{name: {m}}}\ndata: {{train: "
                                     f"{FIXTURES / 'topics.jsonl'}}}\nreward: {{function: [nlpkit.rewards:gsm8k_exact_match]}}\n"
                                     "ppo: {batch_size: 16, num_mini_batches: 2}\n"), "--num-processes", "3"],
-        "ppo.batch_size 16: must split into 3 process(es) x ppo.num_mini_batches=2 equal minibatches; use a multiple of 6"),
+        "ppo.batch_size 16: must split into 3 process(es) x ppo.num_mini_batches=2 equal minibatches x "
+        "train.gradient_accumulation_steps=1; use a multiple of 6"),
+    "ppo micro-batches that do not split over processes": (
+        lambda t, m: ["rlhf", write(t, "r.yaml", f"stage: rlhf\nmodel: {{name: {m}}}\ndata: {{train: "
+                                    f"{FIXTURES / 'topics.jsonl'}}}\nreward: {{function: [nlpkit.rewards:gsm8k_exact_match]}}\n"
+                                    "ppo: {batch_size: 24, num_mini_batches: 2}\ntrain: {gradient_accumulation_steps: 4}\n"),
+                      "--num-processes", "2"],
+        "x train.gradient_accumulation_steps=4; use a multiple of 16"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }
@@ -256,6 +263,14 @@ RLHF_CASES = {
     "prompts without a prompt column": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p, data={"train": write(t, "q.jsonl", '{"foo": "hello"}\n')})],
         "q.jsonl: no prompt column (columns: foo)"),
+    "prompt rows with different columns": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, data={"train": write(t, "q.jsonl", '{"prompt": "a", "answer": "1"}\n'
+                                                                    '{"prompt": "b"}\n')})],
+        "q.jsonl line 2: columns differ from the first row's (answer); give every prompt row the same columns"),
+    "reward prompt template naming another field": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": "nlpkit.rewards:gsm8k_exact_match",
+                                                       "prompt_template": "Q: {question}"})],
+        "reward.prompt_template: value error, 'Q: {question}' cannot be filled (KeyError: 'question')"),
     "empty prompt": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p, data={"train": write(t, "q.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n')})],
         "q.jsonl line 2: prompt column 'prompt' is missing or empty"),

@@ -149,7 +149,7 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
             cfg = load()
             cfg.train.per_device_batch(processes)
             if cfg.stage == "rlhf" and cfg.algo == "ppo" and cfg.ppo is not None:
-                cfg.ppo.episodes_per_process(processes)
+                cfg.ppo.episodes_per_process(processes, cfg.train.gradient_accumulation_steps)
             if not resume:
                 _claim_output_dir(out)
             return {}

@@ -174,6 +174,18 @@ class RewardSection(Section):
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _fills_with_the_prompt(cls, value):
+        try:  # refused here, not after the models have loaded
+            filled = value.format(prompt="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{value!r} cannot be filled ({type(e).__name__}: {e}); the only field it may name is "
+                             "{prompt}; write {{ and }} for literal braces") from None
+        if "\0" not in filled:
+            raise ValueError(f"{value!r} has no {{prompt}} field, so the reward model would never see the prompt")
+        return value
+
 
 class PPOSection(Section):
     # Names copy trl's PPOConfig (trl <= 1.12); defaults as PPO.md gives them unless a comment says why.
@@ -206,19 +218,23 @@ class PPOSection(Section):
     stop_token: str | None = None  # default: the policy tokenizer's EOS
     value_model: str | None = None  # default: the reward model (reward.model), else the policy base with a new head
     num_sample_generations: int = Field(10, ge=0)  # times a table of prompts and responses is logged over the run
-    eval_prompts: int = Field(0, ge=0)  # held-out prompts scored greedily before and after training (0 = skip)
+    # Held-out prompts scored greedily before and after training (0 = skip); with data.eval, that file's first N
+    # prompts (0 = all of them).
+    eval_prompts: int = Field(0, ge=0)
     # The watchdog (train.watchdog: stop or warn): a KL to the reference above max_kl nats per response, or a mean
     # per-token policy entropy below min_entropy, means the policy ran away or collapsed. null turns a check off.
     max_kl: float | None = Field(30.0, gt=0)
     min_entropy: float | None = Field(0.01, ge=0)
 
-    def episodes_per_process(self, processes: int) -> int:
-        """batch_size is an update's episodes over all processes, so a recipe trains the same on 1 or N."""
+    def episodes_per_process(self, processes: int, accumulation: int) -> int:
+        """batch_size is an update's episodes over all processes, so a recipe trains the same on 1 or N. Each
+        process splits its share of a minibatch into `accumulation` equal micro-batches."""
         per_process = self.batch_size // processes
-        if self.batch_size % processes or per_process % self.num_mini_batches:
+        if self.batch_size % processes or per_process % (self.num_mini_batches * accumulation):
             raise NlpkitError(f"ppo.batch_size {self.batch_size}: must split into {processes} process(es) x "
-                              f"ppo.num_mini_batches={self.num_mini_batches} equal minibatches; use a multiple of "
-                              f"{processes * self.num_mini_batches}")
+                              f"ppo.num_mini_batches={self.num_mini_batches} equal minibatches x "
+                              f"train.gradient_accumulation_steps={accumulation}; use a multiple of "
+                              f"{processes * self.num_mini_batches * accumulation}")
         return per_process
 
 

@@ -43,6 +43,9 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 run = json.loads(sys.argv[1])
 torch.manual_seed(run["seed"])
 tokenizer = AutoTokenizer.from_pretrained(run["policy"], padding_side="left")
+if tokenizer.pad_token in (None, tokenizer.eos_token):  # pad must not be the EOS (PPO.md item 1), as nlpkit picks it
+    tokenizer.pad_token = next(t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
+                               and t != tokenizer.eos_token)
 prompts = [json.loads(line)["prompt"] for line in open(run["prompts"])]
 if tokenizer.chat_template:  # as nlpkit presents prompts to a chat model
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

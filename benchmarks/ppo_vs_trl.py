@@ -43,9 +43,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 run = json.loads(sys.argv[1])
 torch.manual_seed(run["seed"])
 tokenizer = AutoTokenizer.from_pretrained(run["policy"], padding_side="left")
-if tokenizer.pad_token in (None, tokenizer.eos_token):  # pad must not be the EOS (PPO.md item 1), as nlpkit picks it
-    tokenizer.pad_token = next(t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
-                               and t != tokenizer.eos_token)
+tokenizer.pad_token = run["pad_token"]  # the one nlpkit picks: never the EOS (PPO.md item 1)
 prompts = [json.loads(line)["prompt"] for line in open(run["prompts"])]
 if tokenizer.chat_template:  # as nlpkit presents prompts to a chat model
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -179,6 +177,10 @@ def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, upd
             lr: float, bf16: bool, lora: bool, ppo: dict) -> dict:
     """One PPO setting, as our recipe and as the trl script's arguments. Shared by both sides: temperature 0.7,
     missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
+    from transformers import AutoTokenizer
+
+    from nlpkit.stages.reward import distinct_pad
+
     recipe = {
         "stage": "rlhf", "model": {"name": model}, "data": {"train": str(prompts), "max_length": max_prompt_tokens},
         "reward": {"model": str(rm)},
@@ -187,8 +189,9 @@ def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, upd
         "train": {"learning_rate": lr, "seed": 0, "bf16": bf16, "weight_decay": 0.0}}
     if lora:
         recipe["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    pad_token = distinct_pad(AutoTokenizer.from_pretrained(policy_dir), "policy").pad_token  # ours, for trl too
     trl = {**ppo, "policy": policy_dir, "rm": str(rm), "prompts": str(prompts), "updates": updates,
-           "max_prompt_tokens": max_prompt_tokens, "lr": lr, "bf16": bf16, "lora": lora}
+           "pad_token": pad_token, "max_prompt_tokens": max_prompt_tokens, "lr": lr, "bf16": bf16, "lora": lora}
     return {"name": name, "recipe": recipe, "trl": trl}
 
 

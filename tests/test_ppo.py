@@ -53,7 +53,7 @@ def test_logprobs_use_the_sampling_temperature():  # [5]
 def test_missing_eos_penalty_shifts_exactly_the_responses_without_eos():  # [9]
     scores = torch.tensor([0.5, -1.0, 2.0])
     has_stop = torch.tensor([True, False, False])
-    assert core.apply_missing_eos_penalty(scores, has_stop, 1.5).tolist() == [0.5, -2.5, 0.5]
+    assert core.apply_missing_eos_penalty(scores, has_stop, 1.5).tolist() == pytest.approx([0.5, -2.5, 0.5])
     assert core.apply_missing_eos_penalty(scores, has_stop, None).tolist() == scores.tolist()
 
 
@@ -186,8 +186,8 @@ def test_whitening_over_processes_equals_whitening_the_whole_batch():
 def test_statistics_of_processes_combine_into_the_whole_batch():
     per_process = [{"objective/scores": 1.0, "val/num_eos_tokens": 3, "policy/first_minibatch_ratio_max_dev": 1e-6},
                    {"objective/scores": 3.0, "val/num_eos_tokens": 5, "policy/first_minibatch_ratio_max_dev": 4e-6}]
-    assert core.combine_process_stats(per_process) == {
-        "objective/scores": 2.0, "val/num_eos_tokens": 8, "policy/first_minibatch_ratio_max_dev": 4e-6}
+    assert core.combine_process_stats(per_process) == pytest.approx({
+        "objective/scores": 2.0, "val/num_eos_tokens": 8, "policy/first_minibatch_ratio_max_dev": 4e-6})
 
 
 def test_scores_are_shifted_by_the_reference_bias_then_clipped():  # [10]

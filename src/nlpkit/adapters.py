@@ -54,8 +54,26 @@ def apply_peft(model, section: PeftSection, task_type: str):
             f"peft.target_modules {section.target_modules}: match no layer of this model; its linear layers are "
             f"{', '.join(linear_layer_names(model))} (or use all-linear)"
         ) from None
+    refuse_untrainable(model, section.method)
     report.print_parameters(model)
     return model
+
+
+def refuse_untrainable(model, method: str) -> None:
+    """Prefix tuning reaches every layer through the model's past-key-values input, and peft refuses model classes
+    where it finds none (BERT-style classifiers under transformers 5.24, which renamed it to `cache`). That would fail
+    in the first training step: a two-token forward finds out before training starts."""
+    import torch
+
+    if method != "prefix_tuning":
+        return
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long, device=model.device))
+    except ValueError as e:
+        base = type(model.get_base_model()).__name__
+        raise NlpkitError(f"peft.method=prefix_tuning: cannot train {base} (model type {model.config.model_type}): "
+                          f"{e} Use prompt_tuning (virtual tokens in the input), lora or ia3") from None
 
 
 def keep_4bit_weights_unpacked(model) -> None:

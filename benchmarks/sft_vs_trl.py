@@ -40,13 +40,14 @@ def peer(steps: int, rows: int, scratch: Path) -> dict:
 
     from nlpkit.data import open_source
     from nlpkit.models import resolve_model
-    from nlpkit.stages.sft import examples, prepare_tokenizer
+    from nlpkit.data import sft_dataset
+    from nlpkit.models import chat_tokenizer
     from transformers import AutoTokenizer
 
-    train = examples(open_source("dolly", "train", "benchmark"), "alpaca", rows, seed=42)
-    test = examples(open_source("dolly:test", "test", "benchmark"), "alpaca", 50, seed=42)
+    train = sft_dataset(open_source("dolly", "train", "benchmark"), "alpaca", rows, seed=42)
+    test = sft_dataset(open_source("dolly:test", "test", "benchmark"), "alpaca", 50, seed=42)
     path = resolve_model("smollm2-135m")
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), None)  # same distinct pad as ours
+    tokenizer = chat_tokenizer(AutoTokenizer.from_pretrained(path), None)  # same distinct pad as ours
     args = SFTConfig(output_dir=str(scratch / "peer"), use_cpu=not torch.cuda.is_available(), max_steps=steps,
                      per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=2e-4,
                      logging_steps=1, report_to="none", save_strategy="no")

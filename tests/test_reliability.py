@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 from helpers import nlpkit
-from nlpkit import report
+from nlpkit import report, runs
 from nlpkit.training import MARKER
 from test_classify import CASES, make_recipe
 from test_sft import sft_recipe
@@ -70,7 +70,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(kind, tmp_path, request)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = log_steps(killed)[-1]
-    assert killed_at < STEPS and not (killed / report.MANIFEST).exists()
+    assert killed_at < STEPS and not (killed / runs.MANIFEST).exists()
 
     assert finetune(recipe, killed, "--resume", "--json").wait() == 0, killed.with_suffix(".err").read_text()
     assert "resuming from" in killed.with_suffix(".err").read_text()
@@ -90,7 +90,7 @@ def test_resume_never_picks_a_partial_checkpoint(tmp_path, tiny_bert):
     out = tmp_path / "run"
     recipe = classify_recipe(tmp_path, tiny_bert, max_steps=20)
     assert nlpkit("finetune", recipe, "--output-dir", out).code == 0
-    (out / report.MANIFEST).unlink()  # as if killed after the last checkpoint
+    (out / runs.MANIFEST).unlink()  # as if killed after the last checkpoint
     partial = out / "checkpoints" / "checkpoint-25"  # as if killed while Trainer wrote it: no commit marker
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a file")
@@ -117,7 +117,7 @@ def test_resume_refuses_a_changed_recipe(change, allowed, tmp_path, tiny_bert):
     assert nlpkit("finetune", recipe, "--output-dir", out).code == 0
     done = nlpkit("finetune", recipe, "--output-dir", out, "--resume")
     assert done.code == 2 and "holds a finished run" in done.stderr
-    (out / report.MANIFEST).unlink()
+    (out / runs.MANIFEST).unlink()
     result = nlpkit("finetune", recipe, change, "--output-dir", out, "--resume")
     if allowed:
         assert result.code == 0, result.stderr
@@ -153,7 +153,7 @@ def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     line = result.stderr.strip().splitlines()[-1]
     assert "gradient norm is nan at step 13" in line and "lower train.learning_rate" in line
     assert "checkpoints/checkpoint-10" in line and "Traceback" not in result.stderr
-    assert not (out / report.MANIFEST).exists()
+    assert not (out / runs.MANIFEST).exists()
     saved = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-10"]
@@ -178,9 +178,9 @@ def test_secrets_never_reach_the_run_directory(tmp_path, tiny_bert, monkeypatch)
     result = nlpkit(*argv)
     assert result.code == 0, result.stderr
     written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".md", ".txt", ".yaml")]
-    assert any(p.name == report.MANIFEST for p in written) and any(p.name == MARKER for p in written)
+    assert any(p.name == runs.MANIFEST for p in written) and any(p.name == MARKER for p in written)
     assert not [p for p in written if secret in p.read_text()]
-    manifest = json.loads((out / report.MANIFEST).read_text())
+    manifest = json.loads((out / runs.MANIFEST).read_text())
     assert manifest["config"]["train"]["extra"]["hub_token"] == "***"
     assert "train.extra.hub_token=***" in manifest["command"]
 
@@ -198,7 +198,7 @@ def test_a_full_disk_is_one_line_and_nothing_is_complete(tmp_path, tiny_bert, mo
     result = nlpkit("finetune", classify_recipe(tmp_path, tiny_bert, max_steps=5), "--output-dir", out)
     assert result.code == 2 and "Traceback" not in result.stderr
     assert "metrics.json failed: No space left on device; free space" in result.stderr
-    assert not (out / report.MANIFEST).exists()
+    assert not (out / runs.MANIFEST).exists()
 
 
 def test_remote_code_models_need_trust_remote_code(tmp_path, tiny_bert):

@@ -7,8 +7,7 @@ import yaml
 
 from conftest import CHATML, FIXTURES
 from helpers import nlpkit
-from nlpkit.data import detect_sft_format, read_file
-from nlpkit.stages.sft import examples
+from nlpkit.data import detect_sft_format, read_file, sft_dataset
 
 FORMATS = {  # fixture -> detected format
     "instructions.jsonl": "alpaca",
@@ -40,7 +39,7 @@ def test_each_format_trains_exactly_on_the_answer(fixture, tiny_llama):
     rows = read_file(FIXTURES / fixture)
     fmt = detect_sft_format(rows, "auto")
     assert fmt == FORMATS[fixture]
-    dataset = examples(rows, fmt, None, 0)
+    dataset = sft_dataset(rows, fmt, None, 0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), processing_class=tokenizer,
                          args=SFTConfig(output_dir="/tmp/unused", report_to="none", max_length=128, use_cpu=True),
@@ -73,8 +72,8 @@ def test_sft_run_reports_and_round_trips_its_template(tmp_path, tiny_llama):
                      .is_file() else None) == CHATML
     assert (out / "generation_config.json").is_file() and (out / "adapter_config.json").is_file()
     assert json.loads((out / "generation_config.json").read_text())["no_repeat_ngram_size"] == 3
-    from nlpkit.stages.sft import load_lm
-    assert load_lm(str(out))[0].generation_config.no_repeat_ngram_size == 3  # what chat and serve generate with
+    from nlpkit.runs import load_causal_lm
+    assert load_causal_lm(str(out))[0].generation_config.no_repeat_ngram_size == 3  # what chat and serve generate with
 
     evaluated = nlpkit("eval", out, "--data", FIXTURES / "instructions.jsonl", "--json")
     assert evaluated.code == 0, evaluated.stderr
@@ -149,10 +148,10 @@ def test_completion_only_false_trains_on_everything_and_packing_runs(tmp_path, t
     from trl import SFTTrainer
 
     from nlpkit.config import load_recipe
-    from nlpkit.stages.sft import sft_config
+    from nlpkit.training import sft_config
 
     cfg = load_recipe(sft_recipe(tmp_path, tiny_llama), ["train.completion_only=false"])
-    dataset = examples(read_file(FIXTURES / "instructions.jsonl"), "alpaca", None, 0)
+    dataset = sft_dataset(read_file(FIXTURES / "instructions.jsonl"), "alpaca", None, 0)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(tiny_llama),
                          args=sft_config(cfg, tmp_path, bf16=False, has_eval=False))

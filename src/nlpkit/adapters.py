@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlpkit import report
-from nlpkit.config import PROMPT_METHODS, PeftSection, validate_recipe
+from nlpkit import report, runs
+from nlpkit.config import PROMPT_METHODS, PeftSection
 from nlpkit.errors import NlpkitError
-from nlpkit.models import load_model
-from nlpkit.report import MANIFEST, read_manifest, write_json
+
+# Inputs for merge's logits check, by what the run's model reads: varied lengths, one text each.
+MERGE_CHECK_TEXTS = {
+    "classify": ["a gripping, beautifully acted film.", "the plot is thin and the jokes fall flat.",
+                 "Stocks rallied after the central bank held rates steady.",
+                 "The team clinched the title with a late goal in extra time."],
+    "reward": ["Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then let it rise.",
+               "Human: Tell me a joke.\n\nAssistant: No."],
+    "sft": ["What is the capital of France?", "Give me three tips for staying healthy."],
+}
+MERGE_CHECK_TEXTS["rlhf"] = MERGE_CHECK_TEXTS["sft"]
 
 
 def peft_config(section: PeftSection, task_type: str):
@@ -94,58 +103,39 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
-def load_adapter_run(run_dir: Path, auto_class, *, dequantize: bool = False):
-    """A run's base model (quantized as in training, or dequantized to fp32) with the run's adapter attached."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, GenerationConfig
-
-    cfg = validate_recipe(read_manifest(run_dir)["config"], source=f"{run_dir}/{MANIFEST}")
-    config = AutoConfig.from_pretrained(run_dir)  # the run's labels and head size
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the recipe's quant section says how the base loads
-    base = load_model(auto_class, cfg.model, quant=cfg.quant, config=config)
-    if dequantize and cfg.quant is not None:
-        base = base.dequantize(dtype=torch.float32)
-    if (run_dir / "generation_config.json").is_file():  # the run's generation settings, not the base model's
-        base.generation_config = GenerationConfig.from_pretrained(run_dir)
-    return PeftModel.from_pretrained(base, run_dir).eval()
-
-
-def merge_run(run_dir: Path, output_dir: Path, auto_class, sample_texts: list[str]) -> dict:
+def merge_run(run: runs.Run, output_dir: Path) -> dict:
     """Fold a run's LoRA/IA3 adapter into its base, save a plain model, and measure how far its logits moved.
 
     A quantized base is dequantized first, so the merged weights equal what the adapter was trained against.
     """
     import torch
-    from transformers import AutoTokenizer
 
-    cfg = validate_recipe(read_manifest(run_dir)["config"], source=f"{run_dir}/{MANIFEST}")
-    if not (run_dir / "adapter_config.json").is_file() or cfg.peft is None:
-        raise NlpkitError(f"{run_dir}: no adapter in this run (a full fine-tune): the folder already holds a plain "
+    cfg = run.recipe
+    if not run.has_adapter or cfg.peft is None:
+        raise NlpkitError(f"{run.path}: no adapter in this run (a full fine-tune): the folder already holds a plain "
                           "model; merge is for runs trained with a peft: section or --lora")
     if cfg.peft.method in PROMPT_METHODS:
-        raise NlpkitError(f"{run_dir}: a {cfg.peft.method} adapter adds virtual tokens and changes no weight, so "
+        raise NlpkitError(f"{run.path}: a {cfg.peft.method} adapter adds virtual tokens and changes no weight, so "
                           "there is nothing to merge; use the run directory as it is")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    inputs = tokenizer(sample_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    tokenizer = runs.load_tokenizer(run)
+    inputs = tokenizer(MERGE_CHECK_TEXTS[run.stage], padding=True, truncation=True, max_length=128,
+                       return_tensors="pt")
     with torch.inference_mode():
-        adapter_logits = load_adapter_run(run_dir, auto_class)(**inputs).logits.float()
-        merged = load_adapter_run(run_dir, auto_class, dequantize=True).merge_and_unload()
+        adapter_logits = runs.load_model(run)(**inputs).logits.float()
+        merged = runs.load_model(run, dequantize=True).merge_and_unload()
         merged_logits = merged(**inputs).logits.float()
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        reloaded = auto_class.from_pretrained(output_dir, use_safetensors=True).eval()
+        reloaded = run.auto_class.from_pretrained(output_dir, use_safetensors=True).eval()
         reloaded_logits = reloaded(**inputs).logits.float()
     # The merged folder is a plain run of the same task: `nlpkit eval` and `quantize` take it like any other.
-    manifest = read_manifest(run_dir)
-    manifest["config"] |= {"peft": None, "quant": None}
-    manifest["merged_from"] = str(run_dir)
-    write_json(output_dir / MANIFEST, manifest)
+    manifest = {**run.manifest, "config": run.manifest["config"] | {"peft": None, "quant": None},
+                "merged_from": str(run.path)}
+    runs.write_manifest(output_dir, manifest)
     return {
         "output_dir": str(output_dir),
         "base_quantized_bits": cfg.quant.bits if cfg.quant else None,
         "max_abs_logits_diff": float((adapter_logits - merged_logits).abs().max()),
         "reload_max_abs_logits_diff": float((merged_logits - reloaded_logits).abs().max()),
-        "inputs": len(sample_texts),
+        "inputs": len(MERGE_CHECK_TEXTS[run.stage]),
     }

@@ -189,21 +189,9 @@ def eval_(
     (answer) tokens of an instruction file, so a base model and a tuned run compare on the same file."""
 
     def work():
-        from nlpkit import report
-        from nlpkit.stages import classify, sft
+        from nlpkit.evaluate import evaluate
 
-        path = Path(run_dir)
-        if not (path / report.MANIFEST).is_file():
-            return sft.evaluate_lm(run_dir, data, mirror=None)
-        manifest = report.read_manifest(path)
-        mirror = manifest["config"]["data"].get("mirror")
-        if manifest["stage"] in ("sft", "rlhf"):  # an rlhf run's policy is a causal LM
-            return sft.evaluate_lm(run_dir, data, mirror)
-        if manifest["stage"] == "reward":
-            from nlpkit.stages import reward
-
-            return reward.evaluate_run(path, data, mirror)
-        return classify.evaluate_run(path, data, text_column, text_pair_column, label_column, mirror)
+        return evaluate(run_dir, data, text_column, text_pair_column, label_column)
 
     _execute(work, as_json, show=_show_metrics)
 
@@ -239,15 +227,13 @@ def merge(
     """Fold a run's adapter into its base model (dequantizing a quantized base) and check the logits agree."""
 
     def work():
-        import transformers
-
-        from nlpkit import report
+        from nlpkit import runs
         from nlpkit.adapters import merge_run
 
-        stage = importlib.import_module(STAGES[report.read_manifest(run_dir)["stage"]])
+        run = runs.open_run(run_dir)
         out = output_dir or run_dir.with_name(run_dir.name + "-merged")
         _claim_output_dir(out)
-        return merge_run(run_dir, out, getattr(transformers, stage.MODEL_CLASS), stage.SAMPLE_TEXTS)
+        return merge_run(run, out)
 
     _execute(work, as_json, show=_show_metrics)
 
@@ -262,9 +248,9 @@ def chat(
     """Talk to a causal LM with its own chat template; answers stream to stdout and stop at EOS."""
 
     def work():
-        from nlpkit.stages.sft import load_lm
+        from nlpkit.runs import load_causal_lm
 
-        lm, tokenizer = load_lm(model)
+        lm, tokenizer = load_causal_lm(model)
         history = []
         while question := (prompt if prompt is not None else _read_turn()):
             history.append({"role": "user", "content": question})
@@ -463,7 +449,8 @@ def _stream_answer(model, tokenizer, history: list[dict], max_new_tokens: int) -
     import torch
     from transformers import TextStreamer
 
-    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,

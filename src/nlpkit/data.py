@@ -378,6 +378,19 @@ def subsample(columns: dict[str, list], limit: int | None, seed: int) -> dict[st
     return {name: [values[i] for i in keep] for name, values in columns.items()}
 
 
+def tokenize_classification(columns: dict[str, list], tokenizer, max_length: int):
+    """classification_examples' columns as a tokenized Dataset (text, optional pair), with lengths for grouping."""
+    import datasets
+
+    def encode(batch):
+        encoded = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    dataset = datasets.Dataset.from_dict(columns)
+    return dataset.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair") if c in columns])
+
+
 # ---------------------------------------------------------------------------------------------- instructions (sft)
 
 PROMPT_FIELDS = ("instruction", "prompt", "question")  # alpaca / prompt_completion / gsm8k-style
@@ -437,3 +450,12 @@ def _field(row: dict, names: tuple[str, ...], rows: Rows, i: int, fmt: str) -> s
     if not value.strip():
         raise NlpkitError(f"{rows.where(i)}: field {name!r} is empty; fill it or remove the row")
     return value
+
+
+def sft_dataset(rows: Rows, fmt: str, limit: int | None, seed: int):
+    """Every row as trl's conversational prompt/completion (or text) example, in a Dataset (seeded subset)."""
+    import datasets
+
+    converted = [sft_example(row, fmt, rows, i) for i, row in enumerate(rows.rows)]
+    columns = {key: [example[key] for example in converted] for key in converted[0]}
+    return datasets.Dataset.from_dict(subsample(columns, limit, seed))

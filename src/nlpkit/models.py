@@ -181,6 +181,27 @@ def load_tokenizer(model_cfg):
     return _from_pretrained(AutoTokenizer, model_cfg)
 
 
+def chat_tokenizer(tokenizer, chat_template: str | None):
+    """A causal LM's tokenizer ready for chat: `chat_template` (Jinja text or a file) replaces the model's own, and
+    the pad token is never the EOS."""
+    if chat_template:
+        path = Path(chat_template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
+    if tokenizer.chat_template is None:
+        raise NlpkitError("data.chat_template: the model has no chat template; set one (Jinja text or a file)")
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # A pad equal to EOS gets the EOS masked out of the labels with the padding: the model never learns to stop.
+        spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
+                      and t != tokenizer.eos_token), None)
+        if spare is None:
+            raise NlpkitError("model.name: the tokenizer has no pad token distinct from its EOS; pick a model whose "
+                              "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
+        tokenizer.pad_token = spare
+    return tokenizer
+
+
+
+
 def _from_pretrained(auto_class, model_cfg, **kwargs):
     source = resolve_model(model_cfg.name, model_cfg.allow_pickle, model_cfg.trust_remote_code)
     try:
@@ -207,3 +228,10 @@ def bf16_is_fast() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(bf16: bool, device):
+    """bf16 autocast on the device's own type (cuda, cpu); a no-op context when bf16 is off."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)

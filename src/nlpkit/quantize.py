@@ -22,7 +22,8 @@ from nlpkit.config import ModelSection, QuantSection
 from nlpkit.data import open_source
 from nlpkit.errors import NlpkitError
 from nlpkit.models import load_model, load_tokenizer
-from nlpkit.report import MANIFEST, info
+from nlpkit import runs
+from nlpkit.report import info
 
 EVAL_ROWS = 64  # enough rows for a stable perplexity; a few seconds per model on CPU
 EVAL_TOKENS = 256
@@ -45,8 +46,8 @@ def run(model_ref: str, bits: int, quant_type: str, eval_data: str | None, outpu
     if (path / "adapter_config.json").is_file():
         raise NlpkitError(f"{model_ref}: an adapter run; merge it first (nlpkit merge {model_ref}) and quantize the "
                           "merged model, or train with --bits for QLoRA")
-    if (path / MANIFEST).is_file():
-        return _classifier_run(path, quant, eval_data, output_dir)
+    if runs.is_run(path) and not runs.open_run(path).is_causal_lm:
+        return _classifier_run(runs.open_run(path), quant, eval_data, output_dir)
     return _causal_lm(model_ref, quant, eval_data, output_dir)
 
 
@@ -92,28 +93,28 @@ def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, outpu
     return result
 
 
-def _classifier_run(run_dir: Path, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _classifier_run(run: runs.Run, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
+    from nlpkit.evaluate import classifier_metrics
 
-    from nlpkit.stages.classify import evaluate_run, load_classifier
-
-    probe = AutoTokenizer.from_pretrained(run_dir)(["a short sentence to time the forward pass."] * 8,
-                                                    return_tensors="pt")
-    result = {"model": str(run_dir), "kind": "classifier", "bits": quant.bits}
+    if run.stage != "classify":
+        raise NlpkitError(f"{run.path}: a {run.stage} run; quantize takes a classify or sft run, or a model")
+    tokenizer = runs.load_tokenizer(run)
+    probe = tokenizer(["a short sentence to time the forward pass."] * 8, return_tensors="pt")
+    result = {"model": str(run.path), "kind": "classifier", "bits": quant.bits}
     for label, quantized in (("fp32", None), ("quantized", quant)):
-        model = load_classifier(run_dir, quant=quantized).eval()
+        model = runs.load_model(run, quant=quantized)
         result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
         result[f"latency_ms_{label}"] = forward_latency_ms(model, probe["input_ids"], probe["attention_mask"])
         if eval_data:
-            metrics = evaluate_run(run_dir, eval_data, None, None, None, None, model=model)
+            metrics = classifier_metrics(run, eval_data, None, None, None, None, model=model)
             result[f"accuracy_{label}"] = metrics.get("eval_accuracy")
     result["footprint_ratio"] = result["footprint_mb_quantized"] / result["footprint_mb_fp32"]
     if eval_data and result["accuracy_fp32"] is not None:
         result["accuracy_change"] = result["accuracy_quantized"] - result["accuracy_fp32"]
     if output_dir is not None:
         model.save_pretrained(output_dir)
-        AutoTokenizer.from_pretrained(run_dir).save_pretrained(output_dir)
-        reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir, use_safetensors=True)
+        tokenizer.save_pretrained(output_dir)
+        reloaded = run.auto_class.from_pretrained(output_dir, use_safetensors=True)
         result["output_dir"] = str(output_dir)
         result["reloaded_footprint_mb"] = reloaded.get_memory_footprint() / 2**20
     return result

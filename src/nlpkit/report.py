@@ -20,12 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nlpkit.errors import NlpkitError
+from nlpkit.runs import MANIFEST, write_json, write_manifest
 
 # soft_wrap: an error stays one line, whatever the width; emoji=False: "sst2:train" must not print as a train emoji
 console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
-MANIFEST = "nlpkit_run.json"
 # Names of keys and environment variables that hold secrets: HF_TOKEN, hub_token, WANDB_API_KEY, db_password.
 SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
 
@@ -79,12 +78,6 @@ def throughput(train_metrics: dict) -> dict:
     """The speed figures of Trainer.train()'s metrics that every run reports."""
     keys = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     return {k: train_metrics[k] for k in keys if k in train_metrics}
-
-
-def write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def redact(payload):
@@ -153,7 +146,7 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
     }
     manifest = redact(manifest)
     (output_dir / "README.md").write_text(model_card(manifest, metrics))
-    write_json(output_dir / MANIFEST, manifest)
+    write_manifest(output_dir, manifest)
     print_summary(metrics["summary"])
 
 
@@ -267,13 +260,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / MANIFEST
-    if not path.is_file():
-        raise NlpkitError(f"{run_dir}: no {MANIFEST}; give the output directory of a finished `nlpkit finetune` run")
-    return json.loads(path.read_text())
 
 
 def model_card(manifest: dict, metrics: dict) -> str:

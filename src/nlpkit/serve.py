@@ -59,18 +59,13 @@ class Served:
 
 def load_served(ref: str) -> Served:
     """A run directory (classify or sft), an embedded alias, or a model directory -> a Served model."""
-    from nlpkit import report
-    from nlpkit.stages import classify, sft
+    from nlpkit import runs
 
-    path = Path(ref)
-    if (path / report.MANIFEST).is_file():
-        manifest = report.read_manifest(path)
-        if manifest["stage"] == "classify":
-            from transformers import AutoTokenizer
-
-            task = manifest["task"]
-            model = classify.load_classifier(path).eval()
-            return Served(ref, "classify", model, AutoTokenizer.from_pretrained(path), task["max_length"],
+    if runs.is_run(ref):
+        run = runs.open_run(ref)
+        if run.stage == "classify":
+            task = run.task
+            return Served(ref, "classify", runs.load_model(run), runs.load_tokenizer(run), task["max_length"],
                           task["labels"] or [], task["problem_type"])
     kind = _model_kind(ref)
     if kind == "classify":
@@ -85,7 +80,7 @@ def load_served(ref: str) -> Served:
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         problem = model.config.problem_type or "single_label_classification"
         return Served(ref, "classify", model, tokenizer, min(tokenizer.model_max_length, 512), labels, problem)
-    model, tokenizer = sft.load_lm(ref)
+    model, tokenizer = runs.load_causal_lm(ref)
     return Served(ref, "chat", model, tokenizer, model.config.max_position_embeddings)
 
 

@@ -17,7 +17,7 @@ import math
 import shutil
 from pathlib import Path
 
-from nlpkit import report
+from nlpkit import report, runs
 from nlpkit.errors import NlpkitError, TrainingStopped
 
 MARKER = "nlpkit_checkpoint.json"
@@ -27,6 +27,39 @@ RESUMABLE_CHANGES = {"train.logging_steps", "train.save_steps", "train.save_tota
                      "train.per_device_eval_batch_size", "train.watchdog", "generation.eos_check_prompts",
                      "generation.max_new_tokens"}
 ZERO_LOSS_LOGS = 3  # consecutive logged losses of exactly 0 before the watchdog calls the labels masked
+
+
+# ---------------------------------------------------------------------------------------------- trainer arguments
+
+
+def classifier_arguments(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
+    """TrainingArguments of a sequence classifier (classify; evaluation of a classify run)."""
+    from transformers import TrainingArguments
+
+    # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would multiply
+    # loss and gradients by the world size under DDP (STACK.md trap 5).
+    return TrainingArguments(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+                             average_tokens_across_devices=False)
+
+
+def sft_config(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
+    """trl's SFTConfig of a recipe (sft; evaluation of a causal LM). cfg None: a plain model evaluated."""
+    from trl import SFTConfig
+
+    from nlpkit.config import TrainSection
+
+    if cfg is None:
+        # Evaluating a plain model: batched as the shipped sft recipes batch their eval set (8 rows, length-grouped
+        # with the default seed). Trainer's eval loss is a mean of per-batch means, so other batches give another
+        # number (2.91 instead of 3.17 for smollm2-135m on dolly test), and this one reproduces a run's eval_loss_base.
+        kwargs = TrainSection(per_device_eval_batch_size=8).trainer_kwargs(output_dir, bf16=bf16, has_eval=True)
+        return SFTConfig(**kwargs, max_length=384)
+    return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+                     max_length=cfg.data.max_length, completion_only_loss=cfg.train.completion_only,
+                     packing=cfg.train.packing)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -66,7 +99,7 @@ def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
     after that checkpoint: partial checkpoints and log lines the resumed run writes again."""
     if not resume:
         return None
-    if (output_dir / report.MANIFEST).is_file():
+    if (output_dir / runs.MANIFEST).is_file():
         raise NlpkitError(f"--resume: {output_dir} holds a finished run; nothing to resume. Train into another "
                           "--output-dir to start again")
     checkpoints = committed(checkpoints_dir(output_dir))
@@ -94,7 +127,7 @@ def resume_point(output_dir: Path, cfg, resume: bool) -> Path | None:
 
 def write_marker(folder: Path, cfg, step: int) -> None:
     """Commit a checkpoint folder: the marker, written last and atomically, says everything else is there."""
-    report.write_json(folder / MARKER, {"step": step, "config": report.redact(cfg.model_dump(mode="json"))})
+    runs.write_json(folder / MARKER, {"step": step, "config": report.redact(cfg.model_dump(mode="json"))})
 
 
 def rotate(checkpoints: Path, keep: int | None) -> None:

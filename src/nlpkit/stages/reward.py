@@ -16,16 +16,12 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit.adapters import apply_peft, load_adapter_run
+from nlpkit import runs
+from nlpkit.adapters import apply_peft
 from nlpkit.config import Recipe
 from nlpkit.data import Rows, default_eval_source, open_source, subsample
 from nlpkit.errors import NlpkitError
 from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
-
-MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` loads a run with
-SAMPLE_TEXTS = ["Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then let it rise.",
-                "Human: Tell me a joke.\n\nAssistant: No."]
-
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import datasets
@@ -82,7 +78,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
 def evaluate_run(run_dir: Path, data_spec: str, mirror: str | None) -> dict:
     """Pair accuracy and mean margin of a reward run on any preference file: the same keys as its metrics.json."""
-    manifest = report.read_manifest(run_dir)
+    manifest = runs.open_run(run_dir).manifest
     model, tokenizer = load_reward_model(str(run_dir), "RUN_DIR")
     rows = open_source(data_spec, "test", "--data", mirror)
     return pair_metrics(model, tokenizer, preference_columns(rows), manifest["task"]["max_length"],
@@ -153,7 +149,7 @@ def load_reward_model(ref: str, key: str):
                           "`nlpkit finetune` with stage: reward writes")
     tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
     if (path / "adapter_config.json").is_file():
-        model = load_adapter_run(path, AutoModelForSequenceClassification).merge_and_unload()
+        model = runs.load_model(runs.open_run(path)).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -2,7 +2,7 @@
 
     nlpkit finetune recipes/sft-dolly-lora.yaml
     nlpkit chat runs/sft-dolly-lora --prompt "What is the capital of France?"
-    nlpkit eval runs/sft-dolly-lora --data ../shared/data/dolly_open_qa/test.jsonl --json
+    nlpkit eval runs/sft-dolly-lora --data dolly:test --json         # nlpkit/evaluate.py
 
 Every format (alpaca, messages, prompt/completion, text) becomes trl's conversational prompt-completion rows, so the
 model's chat template renders training exactly as `nlpkit chat` renders a question, and trl masks the prompt. The
@@ -17,22 +17,12 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit.adapters import apply_peft, load_adapter_run
-from nlpkit.config import ModelSection, Recipe, TrainSection, validate_recipe
-from nlpkit.data import (
-    Rows,
-    default_eval_source,
-    detect_sft_format,
-    open_source,
-    sft_example,
-    subsample,
-)
+from nlpkit.adapters import apply_peft
+from nlpkit.config import ModelSection, Recipe
+from nlpkit.data import default_eval_source, detect_sft_format, open_source, sft_dataset, sft_example
 from nlpkit.errors import NlpkitError
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.models import autocast, bf16_is_fast, chat_tokenizer, load_model, load_tokenizer
 from nlpkit.rewards import final_number, gsm8k_exact_match
-
-MODEL_CLASS = "AutoModelForCausalLM"
-SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
 
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
@@ -42,13 +32,13 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     started = time.time()
     checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
-    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template)
+    tokenizer = chat_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template)
     train_rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
     fmt = detect_sft_format(train_rows, cfg.data.format)
-    train_set = examples(train_rows, fmt, cfg.data.max_train_samples, cfg.train.seed)
+    train_set = sft_dataset(train_rows, fmt, cfg.data.max_train_samples, cfg.train.seed)
     eval_spec = cfg.data.eval or default_eval_source(cfg.data.train)
     eval_rows = open_source(eval_spec, "test", "data.eval", cfg.data.mirror) if eval_spec else None
-    eval_set = examples(eval_rows, fmt, cfg.data.max_eval_samples, cfg.train.seed) if eval_rows else None
+    eval_set = sft_dataset(eval_rows, fmt, cfg.data.max_eval_samples, cfg.train.seed) if eval_rows else None
 
     model = load_model(AutoModelForCausalLM, cfg.model, quant=cfg.quant)
     model.generation_config.no_repeat_ngram_size = cfg.generation.no_repeat_ngram_size  # saved with the run
@@ -59,7 +49,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
     # The base model's eval loss is taken inside train() (eval_on_start), never by an evaluate() before it: under
     # DDP, transformers 5.23 then leaves the model unwrapped and each process trains alone on its own gradients.
-    args = sft_config(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None)
+    args = training.sft_config(cfg, output_dir, bf16=bf16, has_eval=eval_set is not None)
     args.eval_on_start = eval_set is not None and checkpoint is None  # a resumed run has it in its restored log
     trainer = SFTTrainer(
         model=model, args=args,
@@ -102,60 +92,13 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_lm(model_ref: str, data_spec: str, mirror: str | None) -> dict:
-    """Loss and perplexity on the trained-on tokens of an instruction file, for a run or any causal LM.
-
-    The same SFTTrainer processing as training (template, masking, max_length), so a run evaluated on its own eval
-    file reproduces its metrics.json, and a base model compares with it on equal terms.
-    """
-    import math
-    import tempfile
-
-    from trl import SFTTrainer
-
-    run_dir = Path(model_ref)
-    manifest = report.read_manifest(run_dir) if (run_dir / report.MANIFEST).is_file() else None
-    cfg = validate_recipe(manifest["config"], source=f"{run_dir}/{report.MANIFEST}") if manifest else None
-    rows = open_source(data_spec, "test", "--data", mirror)  # a wrong path answers before a model loads
-    model, tokenizer = load_lm(model_ref)
-    dataset = examples(rows, detect_sft_format(rows, "auto"), None, 0)
-    bf16 = manifest["task"]["bf16"] if manifest else bf16_is_fast()
-    with tempfile.TemporaryDirectory() as scratch:
-        args = sft_config(cfg, Path(scratch), bf16=bf16, has_eval=True)
-        # SFTTrainer insists on a train set even to evaluate: one row, never trained on.
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select(range(1)), eval_dataset=dataset,
-                             processing_class=tokenizer)
-        loss = trainer.evaluate()["eval_loss"]
-    return {"eval_loss": loss, "eval_perplexity": math.exp(loss), "eval_samples": len(dataset)}
-
-
-def load_lm(model_ref: str):
-    """A causal LM and its tokenizer: an sft run (adapter or full), or any model reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_ref)
-    if (path / report.MANIFEST).is_file():
-        stage = report.read_manifest(path)["stage"]
-        if stage not in ("sft", "rlhf"):  # an rlhf run saves its policy: a causal LM like an sft run's
-            raise NlpkitError(f"{model_ref}: a {stage} run, not a causal LM (sft or rlhf) run")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (path / "adapter_config.json").is_file():
-            return load_adapter_run(path, AutoModelForCausalLM), tokenizer
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(), tokenizer
-    model_cfg = ModelSection(name=model_ref)
-    return load_model(AutoModelForCausalLM, model_cfg).eval(), prepare_tokenizer(load_tokenizer(model_cfg), None)
-
-
 def data_check(source: str, fmt: str, model_ref: str, max_length: int, mirror: str | None = None) -> dict:
     """The dataset doctor: format, every row validated, one rendered example with the trained-on span marked,
     token lengths, and how many rows max_length would truncate or leave with nothing to train on."""
     rows = open_source(source, "train", "FILE_OR_NAME", mirror)
     fmt = detect_sft_format(rows, fmt)
     converted = [sft_example(row, fmt, rows, i) for i, row in enumerate(rows.rows)]  # raises at the first bad row
-    tokenizer = prepare_tokenizer(load_tokenizer(ModelSection(name=model_ref)), None)
+    tokenizer = chat_tokenizer(load_tokenizer(ModelSection(name=model_ref)), None)
     lengths, prompt_lengths = [], []
     for example in converted:
         head, full = render(tokenizer, example)
@@ -191,31 +134,6 @@ def render(tokenizer, example: dict) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def prepare_tokenizer(tokenizer, chat_template: str | None):
-    if chat_template:
-        path = Path(chat_template)
-        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
-    if tokenizer.chat_template is None:
-        raise NlpkitError("data.chat_template: the model has no chat template; set one (Jinja text or a file)")
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # A pad equal to EOS gets the EOS masked out of the labels with the padding: the model never learns to stop.
-        spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
-                      and t != tokenizer.eos_token), None)
-        if spare is None:
-            raise NlpkitError("model.name: the tokenizer has no pad token distinct from its EOS; pick a model whose "
-                              "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
-        tokenizer.pad_token = spare
-    return tokenizer
-
-
-def examples(rows: Rows, fmt: str, limit: int | None, seed: int):
-    import datasets
-
-    converted = [sft_example(row, fmt, rows, i) for i, row in enumerate(rows.rows)]
-    columns = {key: [example[key] for example in converted] for key in converted[0]}
-    return datasets.Dataset.from_dict(subsample(columns, limit, seed))
-
-
 def check_trained_tokens(processed, rows: int, name: str, max_length: int) -> None:
     """trl masks the prompt (-100 labels), truncates to max_length and drops rows left with no trained-on token.
     A dataset left empty would train on nothing at loss 0: make it an error, and say what was dropped."""
@@ -225,20 +143,6 @@ def check_trained_tokens(processed, rows: int, name: str, max_length: int) -> No
     if len(processed) < rows:
         report.warn(f"{name}: {rows - len(processed)} of {rows} rows dropped: no answer token within "
                     f"data.max_length={max_length}")
-
-
-def sft_config(cfg: Recipe | None, output_dir: Path, *, bf16: bool, has_eval: bool):
-    from trl import SFTConfig
-
-    if cfg is None:
-        # Evaluating a plain model: batched as the shipped sft recipes batch their eval set (8 rows, length-grouped
-        # with the default seed). Trainer's eval loss is a mean of per-batch means, so other batches give another
-        # number (2.91 instead of 3.17 for smollm2-135m on dolly test), and this one reproduces a run's eval_loss_base.
-        kwargs = TrainSection(per_device_eval_batch_size=8).trainer_kwargs(output_dir, bf16=bf16, has_eval=True)
-        return SFTConfig(**kwargs, max_length=384)
-    return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
-                     max_length=cfg.data.max_length, completion_only_loss=cfg.train.completion_only,
-                     packing=cfg.train.packing)
 
 
 def exact_match(model, tokenizer, eval_set, count: int, cfg: Recipe, bf16: bool) -> float:
@@ -264,8 +168,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
         for start in range(0, len(prompts), batch_size):
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode(), autocast(bf16, model.device):
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             for row in out[:, batch["input_ids"].shape[1]:]:

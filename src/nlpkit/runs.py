@@ -1,0 +1,124 @@
+"""A finished run directory: what it holds, read from its manifest, and the one way to load its model.
+
+Every command that takes a run (eval, chat, serve, quantize, merge, and rlhf's reward.model) opens it here. A run
+directory holds the model (or an adapter with the base's config), the tokenizer and `nlpkit_run.json`, which is
+written last: a folder with a manifest is a complete run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlpkit.config import ModelSection, Recipe, validate_recipe
+from nlpkit.errors import NlpkitError
+
+MANIFEST = "nlpkit_run.json"
+# What each stage's model is, as a transformers auto class: an rlhf run saves its policy, a causal LM like sft's.
+AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "reward": "AutoModelForSequenceClassification",
+                "sft": "AutoModelForCausalLM", "rlhf": "AutoModelForCausalLM"}
+CAUSAL_LM_STAGES = ("sft", "rlhf")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    manifest: dict
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def task(self) -> dict:
+        """What training decided about the data: columns, labels, max_length, bf16, format."""
+        return self.manifest["task"]
+
+    @functools.cached_property
+    def recipe(self) -> Recipe:
+        return validate_recipe(self.manifest["config"], source=f"{self.path}/{MANIFEST}")
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").is_file()
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.stage in CAUSAL_LM_STAGES
+
+    @property
+    def auto_class(self):
+        import transformers
+
+        return getattr(transformers, AUTO_CLASSES[self.stage])
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def open_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not is_run(path):
+        raise NlpkitError(f"{path}: no {MANIFEST}; give the output directory of a finished `nlpkit finetune` run")
+    return Run(path, json.loads((path / MANIFEST).read_text()))
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    """Written last: a folder with a manifest is a complete run."""
+    write_json(Path(output_dir) / MANIFEST, manifest)
+
+
+def write_json(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_model(run: Run, *, quant=None, dequantize: bool = False):
+    """The run's model in eval mode. An adapter run: its base (quantized as in training, or dequantized to fp32 with
+    `dequantize`) with the adapter attached. A full fine-tune: the saved model, quantized on load with `quant`."""
+    from nlpkit import models
+
+    if not run.has_adapter:
+        return models.load_model(run.auto_class, ModelSection(name=str(run.path)), quant=quant).eval()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, GenerationConfig
+
+    cfg = run.recipe
+    config = AutoConfig.from_pretrained(run.path)  # the run's labels and head size
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the recipe's quant section says how the base loads
+    base = models.load_model(run.auto_class, cfg.model, quant=cfg.quant, config=config)
+    if dequantize and cfg.quant is not None:
+        base = base.dequantize(dtype=torch.float32)
+    if (run.path / "generation_config.json").is_file():  # the run's generation settings, not the base model's
+        base.generation_config = GenerationConfig.from_pretrained(run.path)
+    return PeftModel.from_pretrained(base, run.path).eval()
+
+
+def load_tokenizer(run: Run):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run.path)
+
+
+def load_causal_lm(ref: str):
+    """A causal LM and its tokenizer: an sft or rlhf run (adapter or full), or any model reference (alias, directory,
+    hub id) with a chat template and a pad token that is not its EOS."""
+    from transformers import AutoModelForCausalLM
+
+    from nlpkit import models
+
+    if is_run(ref):
+        run = open_run(ref)
+        if not run.is_causal_lm:
+            raise NlpkitError(f"{ref}: a {run.stage} run, not a causal LM (sft or rlhf) run")
+        return load_model(run), load_tokenizer(run)
+    model_cfg = ModelSection(name=ref)
+    tokenizer = models.chat_tokenizer(models.load_tokenizer(model_cfg), None)
+    return models.load_model(AutoModelForCausalLM, model_cfg).eval(), tokenizer

@@ -125,10 +125,14 @@ def test_chat_streams_openai_server_sent_events(chat_client):
     assert text == plain["message"]["content"]  # greedy: the stream and the plain answer agree
 
 
-def test_sampling_with_a_seed_repeats(chat_client):
-    first = ask(chat_client, max_tokens=8, temperature=1.0, seed=3).json()["choices"][0]["message"]["content"]
-    again = ask(chat_client, max_tokens=8, temperature=1.0, seed=3).json()["choices"][0]["message"]["content"]
-    assert first == again
+def test_sampling_with_a_seed_repeats_and_temperature_samples(chat_client):
+    def answer(**settings):
+        return ask(chat_client, max_tokens=8, **settings).json()["choices"][0]["message"]["content"]
+
+    assert answer(temperature=1.0, seed=3) == answer(temperature=1.0, seed=3)
+    # And it does sample: a server that ignored the temperature would answer greedily every time.
+    greedy = answer(temperature=0.0)
+    assert any(answer(temperature=1.0, seed=seed) != greedy for seed in range(4))
 
 
 # ---------------------------------------------------------------------------------------------- 4xx

@@ -22,11 +22,9 @@ length-grouped sampler serves the longest batch first):
   32,768 vocabulary entries), never the whole batch x length x vocabulary logits; the tile's backward temporaries
   are what it adds at the peak.
 
-Not modelled: allocator fragmentation and library caches. Measured on the 2-core CPU box, short runs: classify-sst2
-1,319 MB estimated vs 1,296 MB peak RSS; sft-dolly-lora (activation checkpointing off, nlpkit's default) 8,295 MB vs
-8,855 MB. With checkpointing on (trl's default, before nlpkit turned it off) the estimate fell 13-32% short: RSS grew
-1.7 GB during the checkpointed forward pass (weights paged in, freed intermediates the allocator keeps) where it
-counts 0.2 GB of layer inputs. The figure is an estimate to compare with a budget; `nlpkit_run.json`'s
+Not modelled: allocator fragmentation and library caches, which is why the estimate runs short with activation
+checkpointing on (the checkpointed forward pass keeps freed intermediates in the allocator). How close it comes on
+the shipped recipes, measured: docs/results.md. The figure is an estimate to compare with a budget; `nlpkit_run.json`'s
 `peak_memory_mb` is the measured truth.
 """
 

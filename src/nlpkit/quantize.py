@@ -1,6 +1,6 @@
 """`nlpkit quantize`: load a model in 8 or 4 bits with bitsandbytes and measure what that saves and costs.
 
-    nlpkit quantize smollm2-135m --bits 4 --eval-data ../shared/data/dolly_open_qa/test.jsonl --json
+    nlpkit quantize smollm2-135m --bits 4 --eval-data dolly:test --json
     nlpkit quantize runs/classify-sst2 --bits 8 --eval-data sst2:validation --json
 
 Reports the weight footprint (full precision and quantized), the latency of one forward pass, and the quality change
@@ -30,9 +30,8 @@ EVAL_TOKENS = 256
 
 # A causal LM in 4 bits: the layers whose rounding costs the most stay in bf16, as llama.cpp's Q4_K_M keeps
 # attn_v and ffn_down at higher precision, and everything not quantized (embeddings, norms, these layers) is
-# stored in bf16 rather than fp32. On SmolLM2-135M (README) nf4 everywhere cost +21% response perplexity; v_proj
-# and down_proj carried about half of the estimated loss (diagonal Fisher on held rows); bf16 itself costs nothing.
-# Keeping them gave +9.9% on dolly test, just inside the 10% we aim for; k_proj too (+4.7 MiB) gives +8.9%.
+# stored in bf16 rather than fp32: on SmolLM2-135M these layers carry most of nf4's perplexity cost, and bf16 itself
+# costs nothing (the measurements: docs/adapters-and-quantization.md).
 KEEP_16BIT_4BIT = ["k_proj", "v_proj", "down_proj"]
 
 

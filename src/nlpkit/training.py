@@ -51,7 +51,7 @@ def sft_config(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
     if cfg is None:
         # Evaluating a plain model: batched as the shipped sft recipes batch their eval set (8 rows, length-grouped
         # with the default seed). Trainer's eval loss is a mean of per-batch means, so other batches give another
-        # number (2.91 instead of 3.17 for smollm2-135m on dolly test), and this one reproduces a run's eval_loss_base.
+        # number, and this one reproduces a run's eval_loss_base.
         kwargs = TrainSection(per_device_eval_batch_size=8).trainer_kwargs(output_dir, bf16=bf16, has_eval=True)
         return SFTConfig(**kwargs, max_length=384)
     return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),

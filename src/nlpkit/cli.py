@@ -102,8 +102,7 @@ def finetune(
     """Fine-tune a model as the recipe's `stage:` says, and write a run directory.
 
     Exit codes: 0 done; 2 bad input; 3 the watchdog stopped training (NaN/inf gradients, loss stuck at 0); 1 a bug."""
-    sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
-    sugar += ["model.allow_pickle=true"] if allow_pickle else []
+    sugar = _flag_overrides(lora, bits) + (["model.allow_pickle=true"] if allow_pickle else [])
     _train("finetune", recipe, sugar + (overrides or []), output_dir, resume, num_processes, distributed, as_json)
 
 
@@ -379,8 +378,7 @@ def plan(
         from nlpkit.config import load_recipe
 
         budget = planning.parse_memory(memory) if memory is not None else None
-        sugar = (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
-        cfg = load_recipe(recipe, sugar + (overrides or []))
+        cfg = load_recipe(recipe, _flag_overrides(lora, bits) + (overrides or []))
         return planning.plan(cfg, num_processes=num_processes, memory_mb=budget)
 
     _execute(work, as_json, show=_show_plan)
@@ -435,6 +433,11 @@ def env(as_json: JsonOpt = False):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _flag_overrides(lora: bool, bits: int | None) -> list[str]:
+    """--lora and --bits are sugar for the overrides they stand for (finetune and plan)."""
+    return (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
 
 
 def _read_turn() -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from nlpkit import report, runs
 from nlpkit.config import PROMPT_METHODS, PeftSection
 from nlpkit.errors import NlpkitError
+from nlpkit.models import keep_4bit_weights_unpacked
 
 # Inputs for merge's logits check, by what the run's model reads: varied lengths, one text each.
 MERGE_CHECK_TEXTS = {
@@ -55,7 +56,7 @@ def apply_peft(model, section: PeftSection, task_type: str):
         # Freezes the base, upcasts norms to fp32 and lets inputs carry grads; checkpointing off: on CPU it costs
         # a second forward and memory is rarely the limit at these sizes.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_4bit_weights_unpacked(model)
+        keep_4bit_weights_unpacked(model, training=True)
     try:
         model = get_peft_model(model, peft_config(section, task_type))
     except NoMatchingPeftModuleError:
@@ -83,17 +84,6 @@ def refuse_untrainable(model, method: str) -> None:
         base = type(model.get_base_model()).__name__
         raise NlpkitError(f"peft.method=prefix_tuning: cannot train {base} (model type {model.config.model_type}): "
                           f"{e} Use prompt_tuning (virtual tokens in the input), lora or ia3") from None
-
-
-def keep_4bit_weights_unpacked(model) -> None:
-    """bitsandbytes on avx512_bf16 CPUs repacks a 4-bit weight in place on its first eval-mode, no-grad forward;
-    after that, training goes through gemv_4bit, which has no autograd kernel, and LoRA gradients come out wrong
-    with only a warning (STACK.md trap 2). Keeping weights unpacked makes every forward take the exact path."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def linear_layer_names(model) -> list[str]:

@@ -143,7 +143,7 @@ def load_model(auto_class, model_cfg, quant=None, keep_modules=None, **kwargs):
         kwargs["quantization_config"] = quantization_config(quant, keep_modules)
     model = _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
     if quant is not None:
-        avoid_4bit_cpu_repack_crash(model)
+        keep_4bit_weights_unpacked(model, training=False)
     return model
 
 
@@ -165,13 +165,15 @@ def quantization_config(quant, keep_modules: list[str] | None = None):
     )
 
 
-def avoid_4bit_cpu_repack_crash(model) -> None:
-    """On avx512_bf16 CPUs, bitsandbytes repacks a 4-bit weight on its first eval-mode no-grad forward, and the
-    repack crashes when in_features % 64 != 0 (STACK.md trap 1). Such layers keep the unpacked (slower) path."""
+def keep_4bit_weights_unpacked(model, training: bool) -> None:
+    """On avx512_bf16 CPUs bitsandbytes repacks a 4-bit weight in place on its first eval-mode, no-grad forward. The
+    repack crashes when in_features % 64 != 0 (docs/stack-notes.md trap 1), and after it, training goes through a
+    kernel with no autograd and LoRA gradients come out wrong with only a warning (trap 2). Inference keeps the
+    faster repacked path where it works; training never repacks. (The flag means nothing on a GPU.)"""
     import bitsandbytes as bnb
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and module.in_features % 64:
+        if isinstance(module, bnb.nn.Linear4bit) and (training or module.in_features % 64):
             module.support_avx512bf16_for_cpu = False
 
 

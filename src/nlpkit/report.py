@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from nlpkit.distributed import is_main_process
 from nlpkit.errors import NlpkitError
 
 # soft_wrap: an error stays one line, whatever the width; emoji=False: "sst2:train" must not print as a train emoji
@@ -28,11 +29,6 @@ PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets",
 MANIFEST = "nlpkit_run.json"
 # Names of keys and environment variables that hold secrets: HF_TOKEN, hub_token, WANDB_API_KEY, db_password.
 SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
-
-
-def is_main_process() -> bool:
-    """Under `--num-processes N` every process runs the stage; only the first talks and writes (RANK: torchrun's)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def info(message: str) -> None:

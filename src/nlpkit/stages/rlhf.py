@@ -32,6 +32,7 @@ from nlpkit import report, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import Rows, open_source
+from nlpkit.distributed import average_gradients, process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
 from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
 from nlpkit.ppo import core
@@ -644,43 +645,6 @@ def log_samples(path: Path, rows: list[dict], shown: int = 3) -> None:
             f.write(json.dumps(row) + "\n")
     for row in rows[:shown]:
         report.info(f"  [{row['update']}] {row['score']:+.2f}  {row['prompt'][:60]!r} -> {row['response'][:100]!r}")
-
-
-def process_group():
-    """(rank, world size, all_sum, gather) for this process. One process: (0, 1, None, [x]). Under
-    `--num-processes N` accelerate launch set the group up (gloo on CPU, NCCL on GPUs); PartialState joins it."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, None, lambda value: [value]
-    from accelerate import PartialState
-
-    PartialState()
-
-    def all_sum(tensor):
-        total = tensor.detach().clone()
-        dist.all_reduce(total)
-        return total
-
-    def gather(value) -> list:
-        values = [None] * dist.get_world_size()
-        dist.all_gather_object(values, value)
-        return values
-
-    return dist.get_rank(), dist.get_world_size(), all_sum, gather
-
-
-def process_device():
-    """This process's GPU (LOCAL_RANK under accelerate launch) when there is one, else the CPU."""
-    import torch
-
-    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-
-
-def average_gradients(params, all_sum, world: int) -> None:
-    for param in params:
-        if param.grad is not None:
-            param.grad = all_sum(param.grad) / world
 
 
 def autocast(bf16: bool, device):

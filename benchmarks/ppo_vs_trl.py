@@ -179,7 +179,7 @@ def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, upd
     missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
     from transformers import AutoTokenizer
 
-    from nlpkit.stages.reward import distinct_pad
+    from nlpkit.models import distinct_pad
 
     recipe = {
         "stage": "rlhf", "model": {"name": model}, "data": {"train": str(prompts), "max_length": max_prompt_tokens},

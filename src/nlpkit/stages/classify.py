@@ -27,7 +27,7 @@ from nlpkit.data import (
     resolve_columns,
     subsample,
 )
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.models import autocast, bf16_is_fast, load_model, load_tokenizer
 
 MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` and `nlpkit eval` load a run with
 SAMPLE_TEXTS = [  # inputs for merge's logits check: varied lengths, a pair-free sentence each
@@ -147,7 +147,7 @@ def predict_logits(model, dataset, collate, bf16: bool, batch_size: int) -> np.n
 
     features = dataset.remove_columns([c for c in ("label", "length") if c in dataset.column_names]).to_list()
     outputs = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), autocast(bf16, model.device):
         for start in range(0, len(features), batch_size):
             batch = collate(features[start:start + batch_size])
             outputs.append(model.eval()(**batch).logits.float().numpy())

@@ -20,8 +20,7 @@ from nlpkit.adapters import peft_config
 from nlpkit.config import GRPOSection, Recipe
 from nlpkit.data import open_source
 from nlpkit.distributed import process_device
-from nlpkit.models import bf16_is_fast, load_tokenizer, resolve_model
-from nlpkit.stages.reward import distinct_pad
+from nlpkit.models import bf16_is_fast, distinct_pad, load_tokenizer, resolve_model
 from nlpkit.stages.rlhf import Scorer, prompt_column, prompt_records
 
 

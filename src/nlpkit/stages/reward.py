@@ -6,8 +6,8 @@
 Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is
 -log sigmoid(r_chosen - r_rejected), with r read at the last real token. Every text gets the EOS appended (as trl
 would), so the score is read AT the EOS: `nlpkit rlhf` scores policy responses the same way. Pad is never the EOS
-(PPO.md item 1): the classifier finds the last real token by the first pad, and a pad equal to EOS would hide the
-token it scores.
+(docs/ppo-checklist.md item 1): the classifier finds the last real token by the first pad, and a pad equal to EOS
+would hide the token it scores.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from nlpkit.adapters import apply_peft, load_adapter_run
 from nlpkit.config import Recipe
 from nlpkit.data import Rows, default_eval_source, open_source, subsample
 from nlpkit.errors import NlpkitError
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.models import (
+    autocast,
+    bf16_is_fast,
+    distinct_pad,
+    load_model,
+    load_tokenizer,
+)
 
 MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` loads a run with
 SAMPLE_TEXTS = ["Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then let it rise.",
@@ -132,7 +138,7 @@ def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[floa
     for i, row in enumerate(ids):
         batch[i, :len(row)] = torch.tensor(row)
     mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), autocast(bf16, device):
         per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
     return scores_at(per_token, lengths - 1).tolist()
 
@@ -182,21 +188,3 @@ def preference_columns(rows: Rows) -> dict[str, list]:
                                   f"{', '.join(needed)} (this row has {', '.join(row) or 'no fields'})")
             columns[name].append(value)
     return columns
-
-
-def distinct_pad(tokenizer, key: str, fix: bool = True):
-    """Pad must differ from EOS (PPO.md item 1). When training, borrow a spare special token; a saved reward model
-    whose pad is its EOS is refused: it was trained reading its scores at the wrong token."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
-        return tokenizer
-    if not fix:
-        raise NlpkitError(f"{key}: the tokenizer's pad token is its EOS ({tokenizer.eos_token!r}), so the EOS the "
-                          "score is read at looks like padding; retrain it with `nlpkit finetune` (stage: reward), "
-                          "which picks a distinct pad")
-    spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>", "[PAD]") if t in tokenizer.get_vocab()
-                  and t != tokenizer.eos_token), None)
-    if spare is None:
-        raise NlpkitError(f"{key}: the tokenizer has no pad token distinct from its EOS; pick a model whose "
-                          "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
-    tokenizer.pad_token = spare
-    return tokenizer

@@ -34,10 +34,16 @@ from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import Rows, open_source
 from nlpkit.distributed import average_gradients, process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.models import (
+    autocast,
+    bf16_is_fast,
+    distinct_pad,
+    load_model,
+    load_tokenizer,
+)
 from nlpkit.ppo import core
 from nlpkit.rewards import call_reward_function, load_reward_function
-from nlpkit.stages.reward import distinct_pad, load_reward_model, score_ids
+from nlpkit.stages.reward import load_reward_model, score_ids
 
 MODEL_CLASS = "AutoModelForCausalLM"  # what `nlpkit merge` loads a run with
 SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
@@ -645,10 +651,3 @@ def log_samples(path: Path, rows: list[dict], shown: int = 3) -> None:
             f.write(json.dumps(row) + "\n")
     for row in rows[:shown]:
         report.info(f"  [{row['update']}] {row['score']:+.2f}  {row['prompt'][:60]!r} -> {row['response'][:100]!r}")
-
-
-def autocast(bf16: bool, device):
-    import torch
-
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-

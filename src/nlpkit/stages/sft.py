@@ -28,7 +28,13 @@ from nlpkit.data import (
     subsample,
 )
 from nlpkit.errors import NlpkitError
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.models import (
+    autocast,
+    bf16_is_fast,
+    distinct_pad,
+    load_model,
+    load_tokenizer,
+)
 from nlpkit.rewards import final_number, gsm8k_exact_match
 
 MODEL_CLASS = "AutoModelForCausalLM"
@@ -197,15 +203,8 @@ def prepare_tokenizer(tokenizer, chat_template: str | None):
         tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
     if tokenizer.chat_template is None:
         raise NlpkitError("data.chat_template: the model has no chat template; set one (Jinja text or a file)")
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # A pad equal to EOS gets the EOS masked out of the labels with the padding: the model never learns to stop.
-        spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
-                      and t != tokenizer.eos_token), None)
-        if spare is None:
-            raise NlpkitError("model.name: the tokenizer has no pad token distinct from its EOS; pick a model whose "
-                              "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
-        tokenizer.pad_token = spare
-    return tokenizer
+    # A pad equal to EOS gets the EOS masked out of the labels with the padding: the model never learns to stop.
+    return distinct_pad(tokenizer, "model.name")
 
 
 def examples(rows: Rows, fmt: str, limit: int | None, seed: int):
@@ -265,7 +264,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), autocast(bf16, model.device):
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             for row in out[:, batch["input_ids"].shape[1]:]:

@@ -157,7 +157,7 @@ def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
     """rlhf-hh-ppo's setting, shortened to a few updates: SmolLM2-135M + LoRA against a 135M reward model."""
     from nlpkit.data import open_source
     from nlpkit.models import resolve_model
-    from nlpkit.stages.reward import load_reward_model
+    from nlpkit.scoring import load_reward_model
 
     rm = work / "rm-135m"
     if not (rm / "config.json").is_file():  # one plain classifier both sides can load

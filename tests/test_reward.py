@@ -58,7 +58,8 @@ def test_pair_scores_are_read_at_the_eos(tmp_path, toy_llama):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from nlpkit.stages.reward import pair_ids, score_ids
+    from nlpkit.scoring import score_ids
+    from nlpkit.stages.reward import pair_ids
 
     tokenizer = AutoTokenizer.from_pretrained(toy_llama)
     torch.manual_seed(0)

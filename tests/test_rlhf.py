@@ -164,10 +164,9 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     import torch
 
     from nlpkit.config import load_recipe
-    from nlpkit.stages import rlhf
-    from nlpkit.stages.reward import score_ids
+    from nlpkit.scoring import Scorer, score_ids
 
-    scorer = rlhf.Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
     text = "the cat sits good great"
     ids = scorer.tokenizer(text)["input_ids"]
     tokenizer = scorer.tokenizer

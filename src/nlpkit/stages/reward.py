@@ -16,17 +16,12 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit.adapters import apply_peft, load_adapter_run
+from nlpkit.adapters import apply_peft
 from nlpkit.config import Recipe
 from nlpkit.data import Rows, default_eval_source, open_source, subsample
 from nlpkit.errors import NlpkitError
-from nlpkit.models import (
-    autocast,
-    bf16_is_fast,
-    distinct_pad,
-    load_model,
-    load_tokenizer,
-)
+from nlpkit.models import bf16_is_fast, distinct_pad, load_model, load_tokenizer
+from nlpkit.scoring import load_reward_model, score_ids
 
 MODEL_CLASS = "AutoModelForSequenceClassification"  # what `nlpkit merge` loads a run with
 SAMPLE_TEXTS = ["Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then let it rise.",
@@ -124,46 +119,6 @@ def pair_ids(tokenizer, pairs: dict[str, list], max_length: int) -> dict[str, li
         return [tokenizer(p + r + tokenizer.eos_token)["input_ids"][-max_length:] for p, r in zip(prompts, replies)]
 
     return {"chosen_ids": encode(pairs["chosen"]), "rejected_ids": encode(pairs["rejected"])}
-
-
-def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[float]:
-    """Right-pad token lists, run the classifier, read the score at each list's last token."""
-    import torch
-
-    from nlpkit.ppo.core import per_token_scores, scores_at
-
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(row) for row in ids], device=device)
-    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
-    for i, row in enumerate(ids):
-        batch[i, :len(row)] = torch.tensor(row)
-    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
-    with torch.inference_mode(), autocast(bf16, device):
-        per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
-    return scores_at(per_token, lengths - 1).tolist()
-
-
-def load_reward_model(ref: str, key: str):
-    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = Path(ref)
-    if not (path / "config.json").is_file():
-        raise NlpkitError(f"{key} {ref}: not a reward model directory (no config.json); give the output directory of "
-                          "a `stage: reward` run")
-    config = AutoConfig.from_pretrained(path)
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise NlpkitError(f"{key} {ref}: not a reward model (architectures {architectures}, num_labels "
-                          f"{config.num_labels}); it must be a sequence classifier with num_labels=1, as "
-                          "`nlpkit finetune` with stage: reward writes")
-    tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
-    if (path / "adapter_config.json").is_file():
-        model = load_adapter_run(path, AutoModelForSequenceClassification).merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit.adapters import apply_peft
+from nlpkit.adapters import apply_peft, trainable_in_fp32
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import Rows, open_source
 from nlpkit.distributed import average_gradients, process_device, process_group
@@ -42,8 +42,7 @@ from nlpkit.models import (
     load_tokenizer,
 )
 from nlpkit.ppo import core
-from nlpkit.rewards import call_reward_function, load_reward_function
-from nlpkit.stages.reward import load_reward_model, score_ids
+from nlpkit.scoring import Scorer, load_reward_model
 
 MODEL_CLASS = "AutoModelForCausalLM"  # what `nlpkit merge` loads a run with
 SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
@@ -427,60 +426,14 @@ def check_health(stats: dict, ppo: PPOSection, mode: str, update: int, output_di
         report.warn(problem)
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-
-
-class Scorer:
-    """Score completions: the reward model at the EOS (text in the reward model's own format), plus weighted
-    reward functions. The same object scores the training rollouts and the before/after evaluation."""
-
-    def __init__(self, cfg: Recipe, bf16: bool, device):
-        import torch
-
-        self.template = cfg.reward.prompt_template
-        self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
-        self.weight = cfg.reward.function_weight
-        self.bf16 = bf16
-        self.model = self.tokenizer = None
-        self.reward_view = contextlib.nullcontext  # the value adapter's disable_adapter when it shares this model
-        self.max_length = 1024
-        if cfg.reward.model is not None:
-            self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
-            # Frozen, and only ever run under autocast: held in bf16 when autocast is, at half the memory.
-            self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32).eval()  # [3]
-            manifest = Path(cfg.reward.model) / report.MANIFEST
-            if manifest.is_file():  # score no longer text than the reward model was trained on
-                self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
-
-    def score(self, batch: list[dict], completions: list[str]) -> list[float]:
-        totals = [0.0] * len(completions)
-        if self.model is not None:
-            # Every text ends in the EOS and is scored there [8]: RewardTrainer trained on text + EOS, and what the
-            # head says at any other token is untrained (reward-hh read 0.86 higher, on average, at a reply's last
-            # token than at its EOS, which outweighed the missing-EOS penalty and taught the policy not to stop).
-            # A response cut by the window is scored as if it ended there, and loses missing_eos_penalty [9]
-            # (OpenRLHF likewise writes an EOS at the end of every sequence).
-            ids = [self.tokenizer(self.template.format(prompt=record["prompt"]) + completion +
-                                  self.tokenizer.eos_token)["input_ids"][-self.max_length:]
-                   for record, completion in zip(batch, completions)]
-            with self.reward_view():
-                totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
-        if self.functions:
-            prompts = [record["prompt"] for record in batch]
-            columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
-            for spec, function in self.functions:
-                values = call_reward_function(spec, function, prompts, completions, columns)
-                totals = [t + self.weight * v for t, v in zip(totals, values)]
-        return totals
-
-
 def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
     """The value model: a sequence classifier, from the reward model by default [24]. It reads the policy's token ids,
     so it must share the policy's vocabulary.
 
-    With peft the value model is an adapter too: on the reward model itself (which then scores with that adapter
-    disabled) plus a trainable copy of its score head. One reward model in memory, and no gradients or AdamW state for
-    its base: with bf16 bases too, rlhf-hh-ppo's peak RSS went from 6.9 to 4.7 GB (benchmarks/ppo_vs_trl.py)."""
+    With peft the value model is an adapter too. Started from the reward model, it is an adapter on the Scorer's own
+    reward model, made by scorer.add_value_adapter (which then scores with that adapter disabled): one reward model in
+    memory, and no gradients or AdamW state for its base: with bf16 bases too, rlhf-hh-ppo's peak RSS went from 6.9
+    to 4.7 GB (benchmarks/ppo_vs_trl.py)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -490,8 +443,7 @@ def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
         model, value_tokenizer = load_reward_model(ppo.value_model, "ppo.value_model")
         key = "ppo.value_model"
     elif scorer.model is not None:
-        model = scorer.model if cfg.peft is not None else copy.deepcopy(scorer.model).cpu()  # shared with LoRA
-        value_tokenizer, key = scorer.tokenizer, "reward.model"
+        model, value_tokenizer, key = scorer.model, scorer.tokenizer, "reward.model"
     else:  # reward functions only: the policy's base with a fresh one-output head
         model = load_model(AutoModelForSequenceClassification, ModelSection(**cfg.model.model_dump()), num_labels=1,
                            pad_token_id=tokenizer.pad_token_id)
@@ -499,23 +451,16 @@ def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
     if value_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise NlpkitError(f"{key}: the value model starts from it, but its vocabulary differs from the policy's "
                           f"({cfg.model.name}); train the reward model from the same base, or set ppo.value_model")
+    if model is scorer.model:
+        if cfg.peft is not None:
+            return scorer.add_value_adapter(cfg.peft)  # shared: the Scorer's model, scored with the adapter off
+        model = copy.deepcopy(scorer.model).cpu()  # full weights: a copy of its own
     if cfg.peft is None:
         return model.to(torch.float32).requires_grad_(True)
     frozen_dtype = torch.bfloat16 if scorer.bf16 else torch.float32  # as the policy's base, and the Scorer's model
     value_model = apply_peft(model.to(frozen_dtype), cfg.peft, task_type="SEQ_CLS")  # SEQ_CLS: a trainable head copy
     trainable_in_fp32(value_model)
-    if model is scorer.model:
-        scorer.reward_view = value_model.disable_adapter
     return value_model
-
-
-def trainable_in_fp32(model) -> None:
-    """Adapters and head copies train in fp32 over a bf16 base (AdamW updates vanish in bf16's 8-bit mantissa)."""
-    import torch
-
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.to(torch.float32)
 
 
 def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection, stop_ids: list[int],

@@ -289,14 +289,15 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     import torch
 
     from nlpkit.config import validate_recipe
-    from nlpkit.stages import rlhf
+    from nlpkit.data import open_source, prompt_records
+    from nlpkit.scoring import Scorer
 
     data = tmp_path / "gsm.jsonl"
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
                            "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
-    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
-    records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
+    scorer = Scorer(cfg, False, torch.device("cpu"))
+    records = prompt_records(open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
     assert scorer.score(records * 2, ["so #### 2", "#### 3"]) == [1.0, 0.0]
 

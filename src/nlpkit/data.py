@@ -437,3 +437,47 @@ def _field(row: dict, names: tuple[str, ...], rows: Rows, i: int, fmt: str) -> s
     if not value.strip():
         raise NlpkitError(f"{rows.where(i)}: field {name!r} is empty; fill it or remove the row")
     return value
+
+
+# ---------------------------------------------------------------------------------------------- prompt rows (rlhf)
+
+PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
+
+
+def prompt_column(rows: Rows, chosen: str | None) -> str:
+    present = list(rows.rows[0])
+    column = chosen or next((c for c in PROMPT_COLUMNS if c in present), None)
+    if column is None or column not in present:
+        raise NlpkitError(f"{rows.name}: no prompt column (columns: {', '.join(present)}); rlhf needs one of "
+                          f"{', '.join(PROMPT_COLUMNS)}, or set data.text_column to the column that holds prompts")
+    return column
+
+
+def prompt_records(rows: Rows, column: str) -> list[dict]:
+    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
+    records, columns = [], set(rows.rows[0])
+    for i, row in enumerate(rows.rows):
+        text = row.get(column)
+        if not isinstance(text, str) or not text.strip():
+            raise NlpkitError(f"{rows.where(i)}: prompt column {column!r} is missing or empty; fill it or remove "
+                              "the row")
+        if set(row) != columns:  # reward functions get every column as a list over the batch
+            odd = sorted(set(row) ^ columns)
+            raise NlpkitError(f"{rows.where(i)}: columns differ from the first row's ({', '.join(odd)}); give every "
+                              "prompt row the same columns")
+        records.append({**{k: v for k, v in row.items() if k != column}, "prompt": text})
+    return records
+
+
+def split_prompts(rows: Rows, column: str, held: int, seed: int, limit: int | None) -> tuple[list[dict], list[dict]]:
+    """Hold out `held` prompts (ppo.eval_prompts; shuffled with the seed) that training never samples; the rest,
+    at most `limit` of them (data.max_train_samples), are the training prompts."""
+    records = prompt_records(rows, column)
+    random.Random(seed).shuffle(records)
+    if held >= len(records):
+        raise NlpkitError(f"ppo.eval_prompts: {held} held-out prompts leave none of the {len(records)} in "
+                          f"{rows.name} to train on; lower it or set data.eval")
+    train = records[held:]
+    if limit:
+        train = train[:limit]
+    return train, records[:held]

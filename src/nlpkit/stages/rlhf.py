@@ -31,7 +31,7 @@ from pathlib import Path
 from nlpkit import report, training
 from nlpkit.adapters import apply_peft, trainable_in_fp32
 from nlpkit.config import PPOSection, Recipe
-from nlpkit.data import Rows, open_source
+from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
 from nlpkit.distributed import average_gradients, process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
 from nlpkit.models import (
@@ -46,7 +46,6 @@ from nlpkit.scoring import Scorer, load_reward_model
 
 MODEL_CLASS = "AutoModelForCausalLM"  # what `nlpkit merge` loads a run with
 SAMPLE_TEXTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
-PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
 
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
@@ -77,7 +76,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     stop_ids = stop_token_ids(tokenizer, ppo.stop_token)
     rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
     column = prompt_column(rows, cfg.data.text_column)
-    train_prompts, eval_prompts = split_prompts(rows, column, cfg, ppo)
+    train_prompts, eval_prompts = split_prompts(rows, column, held=0 if cfg.data.eval else ppo.eval_prompts,
+                                                seed=cfg.train.seed, limit=cfg.data.max_train_samples)
     datasets_used = [rows]
     if cfg.data.eval:
         eval_rows = open_source(cfg.data.eval, "test", "data.eval", cfg.data.mirror)
@@ -521,45 +521,6 @@ def stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
         raise NlpkitError(f"ppo.stop_token {token!r}: not a token of the policy's tokenizer; use its EOS "
                           f"({tokenizer.eos_token!r}) or another single token of its vocabulary")
     return [tokenizer.convert_tokens_to_ids(token)]
-
-
-def prompt_column(rows: Rows, chosen: str | None) -> str:
-    present = list(rows.rows[0])
-    column = chosen or next((c for c in PROMPT_COLUMNS if c in present), None)
-    if column is None or column not in present:
-        raise NlpkitError(f"{rows.name}: no prompt column (columns: {', '.join(present)}); rlhf needs one of "
-                          f"{', '.join(PROMPT_COLUMNS)}, or set data.text_column to the column that holds prompts")
-    return column
-
-
-def prompt_records(rows: Rows, column: str) -> list[dict]:
-    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
-    records, columns = [], set(rows.rows[0])
-    for i, row in enumerate(rows.rows):
-        text = row.get(column)
-        if not isinstance(text, str) or not text.strip():
-            raise NlpkitError(f"{rows.where(i)}: prompt column {column!r} is missing or empty; fill it or remove "
-                              "the row")
-        if set(row) != columns:  # reward functions get every column as a list over the batch
-            odd = sorted(set(row) ^ columns)
-            raise NlpkitError(f"{rows.where(i)}: columns differ from the first row's ({', '.join(odd)}); give every "
-                              "prompt row the same columns")
-        records.append({**{k: v for k, v in row.items() if k != column}, "prompt": text})
-    return records
-
-
-def split_prompts(rows: Rows, column: str, cfg: Recipe, ppo: PPOSection) -> tuple[list[dict], list[dict]]:
-    """Hold out ppo.eval_prompts prompts (seeded) that training never samples, unless data.eval gives its own."""
-    records = prompt_records(rows, column)
-    random.Random(cfg.train.seed).shuffle(records)
-    held = 0 if cfg.data.eval else ppo.eval_prompts
-    if held >= len(records):
-        raise NlpkitError(f"ppo.eval_prompts: {held} held-out prompts leave none of the {len(records)} in "
-                          f"{rows.name} to train on; lower it or set data.eval")
-    train = records[held:]
-    if cfg.data.max_train_samples:
-        train = train[:cfg.data.max_train_samples]
-    return train, records[:held]
 
 
 def encode_prompts(tokenizer, prompts: list[str], device):

@@ -26,11 +26,16 @@ app = typer.Typer(
     help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT, reward models and RLHF (PPO).",
 )
 
-STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)
+STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir, resume), MODEL_CLASS and SAMPLE_TEXTS
     "classify": "nlpkit.stages.classify",
     "sft": "nlpkit.stages.sft",
     "reward": "nlpkit.stages.reward",
-    "rlhf": "nlpkit.stages.rlhf",
+    "rlhf": "nlpkit.stages.ppo",  # algo: ppo, the default; every rlhf run's policy is a causal LM
+}
+RLHF_ALGOS = {  # a stage: rlhf recipe's algo -> the module whose run() trains it
+    "ppo": "nlpkit.stages.ppo",
+    "grpo": "nlpkit.stages.grpo",
+    "rloo": "nlpkit.stages.grpo",
 }
 
 # A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.
@@ -166,7 +171,7 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         cfg = load()
         if not resume and is_main_process():  # launched processes: the launcher claimed it already
             _claim_output_dir(out)
-        stage = importlib.import_module(STAGES[cfg.stage])
+        stage = importlib.import_module(RLHF_ALGOS[cfg.algo] if cfg.stage == "rlhf" else STAGES[cfg.stage])
         metrics = stage.run(cfg, out, resume=resume)
         launcher.finish()
         return {"output_dir": str(out), **metrics}

@@ -9,7 +9,7 @@ One update: sample `ppo.batch_size` prompts (split over the processes under --nu
 plus reward functions, minus a penalty when no EOS came), shape per-token rewards with the KL to the reference,
 compute GAE advantages from the value model, then `num_ppo_epochs` passes of `num_mini_batches` clipped policy +
 value steps (gradients averaged over processes). The math lives in nlpkit/ppo/core.py as small tested functions; the
-numbers in brackets are the items of the PPO checklist (../shared/PPO.md).
+numbers in brackets are the items of the PPO checklist (docs/ppo-checklist.md).
 
 With LoRA there is one base model in memory: the policy is the adapter, the reference is the adapter disabled [26].
 The value model is initialised from the reward model [24]: a separate copy for a full-weight policy; with LoRA, an
@@ -51,10 +51,6 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.algo != "ppo":  # grpo and rloo: trl's trainers with the same scoring
-        from nlpkit.stages import grpo
-
-        return grpo.run(cfg, output_dir, resume)
     started = time.time()
     checkpoint = training.resume_point(output_dir, cfg, resume)
     # Not transformers.set_seed: its module imports peft, which imports bitsandbytes: ~50 MB of peak RSS that a

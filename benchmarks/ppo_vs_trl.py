@@ -157,7 +157,7 @@ def smollm2_setting(work: Path, reward_run: Path, updates: int) -> dict:
     """rlhf-hh-ppo's setting, shortened to a few updates: SmolLM2-135M + LoRA against a 135M reward model."""
     from nlpkit.data import open_source
     from nlpkit.models import resolve_model
-    from nlpkit.stages.reward import load_reward_model
+    from nlpkit.scoring import load_reward_model
 
     rm = work / "rm-135m"
     if not (rm / "config.json").is_file():  # one plain classifier both sides can load
@@ -179,7 +179,7 @@ def setting(name: str, model: str, policy_dir: str, rm: Path, prompts: Path, upd
     missing-EOS penalty 1.0, no sample tables or held-out eval; LoRA r 16 on all linear layers."""
     from transformers import AutoTokenizer
 
-    from nlpkit.stages.reward import distinct_pad
+    from nlpkit.models import distinct_pad
 
     recipe = {
         "stage": "rlhf", "model": {"name": model}, "data": {"train": str(prompts), "max_length": max_prompt_tokens},

@@ -58,11 +58,19 @@ def test_missing_eos_penalty_shifts_exactly_the_responses_without_eos():  # [9]
 
 
 def test_k1_is_the_log_ratio_and_k3_is_never_negative():  # [12]
+    # Worked by hand: p = 1/2 where the reference gives 1/4 is k1 = ln 2 = 0.693147, the other way round -ln 2 (k1
+    # may be negative); k3 = e^r - 1 - r with r = ln(ref/p) is 1/2 - 1 + ln 2 = 0.193147 and 2 - 1 - ln 2 = 0.306853.
+    logp, ref = torch.tensor([0.5, 0.25, 0.3]).log(), torch.tensor([0.25, 0.5, 0.3]).log()
+    assert core.kl_k1(logp, ref).tolist() == pytest.approx([0.693147, -0.693147, 0.0], abs=1e-6)
+    assert core.kl_k3(logp, ref).tolist() == pytest.approx([0.193147, 0.306853, 0.0], abs=1e-6)
+    # Both are unbiased: averaged over tokens drawn from p = (1/2, 1/2), each is KL(p || ref) with ref = (1/4, 3/4),
+    # 1/2 ln 2 + 1/2 ln(2/3) = 0.143841.
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    for estimator in (core.kl_k1, core.kl_k3):
+        assert (p * estimator(p.log(), q.log())).sum().item() == pytest.approx(0.143841, abs=1e-6)
     torch.manual_seed(0)
     logp, ref = torch.randn(64, 9) * 3, torch.randn(64, 9) * 3
-    assert torch.equal(core.kl_k1(logp, ref), logp - ref)
-    k3 = core.kl_k3(logp, ref)
-    assert (k3 >= 0).all()
+    assert (core.kl_k3(logp, ref) >= 0).all()
     assert torch.allclose(core.kl_k3(logp, logp), torch.zeros_like(logp))
 
 

@@ -58,7 +58,8 @@ def test_pair_scores_are_read_at_the_eos(tmp_path, toy_llama):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from nlpkit.stages.reward import pair_ids, score_ids
+    from nlpkit.scoring import score_ids
+    from nlpkit.data import pair_ids
 
     tokenizer = AutoTokenizer.from_pretrained(toy_llama)
     torch.manual_seed(0)
@@ -77,7 +78,7 @@ def test_pair_scores_are_read_at_the_eos(tmp_path, toy_llama):
 def test_long_pairs_keep_their_end_and_are_never_dropped(tmp_path, toy_llama):
     from transformers import AutoTokenizer
 
-    from nlpkit.stages.reward import pair_ids
+    from nlpkit.data import pair_ids
 
     tokenizer = AutoTokenizer.from_pretrained(toy_llama)
     prompt = "the cat sits on the mat and the dog sits on the rug and "

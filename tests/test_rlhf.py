@@ -105,13 +105,13 @@ def test_lora_policy_starts_at_the_reference_and_saves_only_the_adapter(bf16, tm
 def test_a_long_prompt_keeps_its_last_tokens(toy_llama):  # [2]: data.max_length, cut on the left
     from transformers import AutoTokenizer
 
-    from nlpkit.stages import rlhf
+    from nlpkit.ppo.rollout import encode_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left", truncation_side="left")
     prompts = ["the cat sits and a dog runs and one bird sings", "two fish"]
-    full = rlhf.encode_prompts(tokenizer, prompts, "cpu")
+    full = encode_prompts(tokenizer, prompts, "cpu")
     tokenizer.model_max_length = 4
-    cut = rlhf.encode_prompts(tokenizer, prompts, "cpu")
+    cut = encode_prompts(tokenizer, prompts, "cpu")
     assert full.shape[1] > 4 and cut.shape[1] == 4
     assert cut[0].tolist() == full[0, -4:].tolist()
 
@@ -126,14 +126,17 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
 
     from nlpkit.config import load_recipe
     from nlpkit.ppo import core
-    from nlpkit.stages import rlhf
+    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.update import train_on_rollout
+    from nlpkit.scoring import Scorer
+    from nlpkit.stages.ppo import load_value_model
 
     cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model))
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(toy_llama, attention_dropout=0.5)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
-    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    scorer = Scorer(cfg, False, torch.device("cpu"))
+    value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     rm_weights = scorer.model.state_dict()
     assert all(torch.equal(v, rm_weights[k]) for k, v in value.state_dict().items())  # [24] value starts as the RM
     assert value is not scorer.model  # a separate network
@@ -142,15 +145,14 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     value_before = {k: v.clone() for k, v in value.state_dict().items()}
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
     batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
-    rollout = rlhf.make_rollout(policy, reference, value, tokenizer, scorer, batch, cfg.ppo,
-                                [tokenizer.eos_token_id], False, torch.device("cpu"))
+    rollout = make_rollout(policy, reference, value, tokenizer, scorer, batch, cfg.ppo,
+                           [tokenizer.eos_token_id], False, torch.device("cpu"))
     assert rollout["stats"]["objective/kl"] == 0.0  # identical weights: k1 is exactly 0 [12]
     # values and log-probs hold their sentinels after the end [15]
     assert (rollout["values"][rollout["pad_mask"]] == 0).all()
     assert (rollout["logprobs"][rollout["pad_mask"]] == core.INVALID_LOGPROB).all()
     assert (rollout["advantages"][rollout["pad_mask"]] == 0).all()
-    stats = rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0),
-                                  False)
+    stats = train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), False)
     assert stats["policy/first_minibatch_ratio_max_dev"] < 1e-3  # [5]
     assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())  # [11] unchanged
     assert not any(p.requires_grad for p in reference.parameters())
@@ -164,10 +166,9 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     import torch
 
     from nlpkit.config import load_recipe
-    from nlpkit.stages import rlhf
-    from nlpkit.stages.reward import score_ids
+    from nlpkit.scoring import Scorer, score_ids
 
-    scorer = rlhf.Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
     text = "the cat sits good great"
     ids = scorer.tokenizer(text)["input_ids"]
     tokenizer = scorer.tokenizer
@@ -186,32 +187,36 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
 
     from nlpkit.adapters import apply_peft
     from nlpkit.config import load_recipe
-    from nlpkit.stages import rlhf
+    from nlpkit.models import autocast
+    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.update import train_on_rollout
+    from nlpkit.scoring import Scorer
+    from nlpkit.stages.ppo import load_value_model
 
     cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True))
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = apply_peft(AutoModelForCausalLM.from_pretrained(toy_llama), cfg.peft, task_type="CAUSAL_LM")
-    scorer = rlhf.Scorer(cfg, bf16, torch.device("cpu"))
+    scorer = Scorer(cfg, bf16, torch.device("cpu"))
     batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
     completions = ["good great happy", "sad the a"] * 8
     scores_before = scorer.score(batch, completions)
     base_rm = scorer.model
     ids = tokenizer(["the cat sits good"], return_tensors="pt")["input_ids"]
-    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
+    with torch.no_grad(), autocast(bf16, torch.device("cpu")):
         reward_logits = base_rm(input_ids=ids).logits
-    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     assert value.get_base_model() is base_rm  # shared, not copied
     trainable = {name: p.dtype for name, p in value.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or ".score.modules_to_save." in name for name in trainable), trainable
     assert set(trainable.values()) == {torch.float32}  # over a bf16 base too
     assert {p.dtype for p in base_rm.parameters() if not p.requires_grad} == {torch.bfloat16 if bf16 else torch.float32}
-    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):  # [24] the value head starts as the reward head
+    with torch.no_grad(), autocast(bf16, torch.device("cpu")):  # [24] the value head starts as the reward head
         assert torch.equal(value(input_ids=ids).logits, reward_logits)
-    rollout = rlhf.make_rollout(policy, None, value, tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id],
-                                bf16, torch.device("cpu"))
+    rollout = make_rollout(policy, None, value, tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id],
+                           bf16, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for m in (policy, value) for p in m.parameters() if p.requires_grad], lr=1e-2)
-    rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), bf16)
-    with torch.no_grad(), rlhf.autocast(bf16, torch.device("cpu")):
+    train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), bf16)
+    with torch.no_grad(), autocast(bf16, torch.device("cpu")):
         assert not torch.allclose(value(input_ids=ids).logits, reward_logits)  # the value moved
     # Bit-identity is the claim: the value adapter is disabled while scoring, so the reward model is untouched.
     assert scorer.score(batch, completions) == scores_before  # the reward did not
@@ -290,14 +295,15 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     import torch
 
     from nlpkit.config import validate_recipe
-    from nlpkit.stages import rlhf
+    from nlpkit.data import open_source, prompt_records
+    from nlpkit.scoring import Scorer
 
     data = tmp_path / "gsm.jsonl"
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
                            "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
-    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
-    records = rlhf.prompt_records(rlhf.open_source(str(data), "train", "data.train"), "question")
+    scorer = Scorer(cfg, False, torch.device("cpu"))
+    records = prompt_records(open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
     assert scorer.score(records * 2, ["so #### 2", "#### 3"]) == [1.0, 0.0]
 
@@ -306,7 +312,7 @@ def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor(
     import torch
 
     from nlpkit.config import PPOSection
-    from nlpkit.stages import rlhf
+    from nlpkit.ppo.rollout import sample
 
     class Recorder:
         def generate(self, input_ids, **kwargs):
@@ -317,8 +323,8 @@ def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor(
         pad_token_id = 0
 
     policy = Recorder()
-    responses = rlhf.sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), PPOSection(response_length=5,
-                                                                                              temperature=0.7), [2])
+    responses = sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), PPOSection(response_length=5,
+                                                                                       temperature=0.7), [2])
     assert responses.tolist() == [[7, 7, 7, 0, 0], [7, 7, 7, 0, 0]]  # padded to exactly response_length
     kwargs = policy.kwargs
     assert kwargs["do_sample"] is True and kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0
@@ -455,23 +461,26 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nlpkit.config import load_recipe
-    from nlpkit.stages import rlhf
+    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.update import train_on_rollout
+    from nlpkit.scoring import Scorer
+    from nlpkit.stages.ppo import load_value_model, reference_score_bias
 
     cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model, missing_eos_penalty=None,
                                   max_grad_norm=1e-3))
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(toy_llama)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    scorer = rlhf.Scorer(cfg, False, torch.device("cpu"))
-    value = rlhf.load_value_model(cfg, cfg.ppo, tokenizer, scorer)
+    scorer = Scorer(cfg, False, torch.device("cpu"))
+    value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     batch = [{"prompt": p} for p in ("the cat sits", "a dog runs", "one bird", "two fish")] * 4
     args = (tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
     torch.manual_seed(7)
-    bias = rlhf.reference_score_bias(policy, reference, *args, rank=0, world=1, gather=lambda x: [x])
+    bias = reference_score_bias(policy, reference, *args, rank=0, world=1, gather=lambda x: [x])
     torch.manual_seed(7)
-    plain = rlhf.make_rollout(policy, reference, value, *args)
+    plain = make_rollout(policy, reference, value, *args)
     torch.manual_seed(7)
-    rollout = rlhf.make_rollout(policy, reference, value, *args, reward_bias=bias)
+    rollout = make_rollout(policy, reference, value, *args, reward_bias=bias)
     assert bias == pytest.approx(plain["scores"].mean().item(), abs=1e-5) and abs(bias) > 0.1
     assert rollout["scores"].mean().item() == pytest.approx(0.0, abs=1e-5)
 
@@ -479,8 +488,7 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
     optimizer.register_step_pre_hook(lambda opt, *_: norms.append(torch.nn.utils.get_total_norm(
         [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]).item()))
-    stats = rlhf.train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0),
-                                  False)
+    stats = train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), False)
     assert len(norms) == 8 and max(norms) <= 1e-3 * 1.0001  # 4 epochs x 2 minibatches, every step clipped
     assert stats["grad_norm"] > 1e-3  # the logged norm is the one before clipping
 

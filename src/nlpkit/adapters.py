@@ -129,3 +129,12 @@ def merge_run(run: runs.Run, output_dir: Path) -> dict:
         "reload_max_abs_logits_diff": float((merged_logits - reloaded_logits).abs().max()),
         "inputs": len(MERGE_CHECK_TEXTS[run.stage]),
     }
+
+
+def trainable_in_fp32(model) -> None:
+    """Adapters and head copies train in fp32 over a bf16 base (AdamW updates vanish in bf16's 8-bit mantissa)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float32)

@@ -26,11 +26,16 @@ app = typer.Typer(
     help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT, reward models and RLHF (PPO).",
 )
 
-STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir)
+STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir, resume), MODEL_CLASS and SAMPLE_TEXTS
     "classify": "nlpkit.stages.classify",
     "sft": "nlpkit.stages.sft",
     "reward": "nlpkit.stages.reward",
-    "rlhf": "nlpkit.stages.rlhf",
+    "rlhf": "nlpkit.stages.ppo",  # algo: ppo, the default; every rlhf run's policy is a causal LM
+}
+RLHF_ALGOS = {  # a stage: rlhf recipe's algo -> the module whose run() trains it
+    "ppo": "nlpkit.stages.ppo",
+    "grpo": "nlpkit.stages.grpo",
+    "rloo": "nlpkit.stages.grpo",
 }
 
 # A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.
@@ -42,7 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], None] | None = None,
              stdout_is_result: bool = True) -> None:
     """Run a command body: NlpkitError -> one line + exit 2 (3); anything else -> traceback + exit 1."""
-    from nlpkit import launch, report
+    from nlpkit import distributed, report
 
     try:
         # Libraries print (Trainer logs): keep stdout for the result, unless the command writes it as it goes (chat).
@@ -51,14 +56,14 @@ def _execute(work: Callable[[], dict], as_json: bool, show: Callable[[dict], Non
     except NlpkitError as e:  # exit 2 bad input; 3 the watchdog stopped training
         if report.is_main_process():  # every process of a launched run meets the same error: say it once
             report.console.print(f"error: {e}", style="red", markup=False)
-        launch.record_exit(e.exit_code)
+        distributed.record_exit(e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
         report.console.print(f"error: writing {e.filename or 'the output'} failed: {e.strerror}; free space or choose "
                              "another --output-dir (nothing was marked complete)", style="red", markup=False)
-        launch.record_exit(2)
+        distributed.record_exit(2)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         report.console.print("interrupted", markup=False)
@@ -125,7 +130,8 @@ def rlhf(
 def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | None, resume: bool,
            num_processes: int | None, distributed: str | None, as_json: bool) -> None:
     """finetune and rlhf: load the recipe, claim the output directory, run its stage, here or in N processes."""
-    from nlpkit import launch
+    # `distributed` is the --distributed option here, so the module goes by another name
+    from nlpkit import distributed as launcher
 
     out = output_dir or Path("runs") / recipe.stem
 
@@ -138,13 +144,13 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
                               f"(use `nlpkit finetune {recipe}`)")
         return cfg
 
-    if (num_processes is not None or distributed) and not launch.in_launched_process():
+    if (num_processes is not None or distributed) and not launcher.in_launched_process():
         processes = 1 if num_processes is None else num_processes
 
         def check_then_claim():  # bad input answers here, once, before any process starts
-            if distributed is not None and distributed not in launch.DISTRIBUTED:
-                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launch.DISTRIBUTED)}")
-            launch.check(processes, distributed)
+            if distributed is not None and distributed not in launcher.DISTRIBUTED:
+                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launcher.DISTRIBUTED)}")
+            launcher.check(processes, distributed)
             cfg = load()
             cfg.train.per_device_batch(processes)
             if cfg.stage == "rlhf" and cfg.algo == "ppo" and cfg.ppo is not None:
@@ -156,7 +162,7 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         _execute(check_then_claim, as_json=False)
         argv = [command, str(recipe), *overrides, "--output-dir", str(out)]
         argv += ["--resume"] * resume + ["--json"] * as_json
-        raise typer.Exit(launch.relaunch(argv, processes, distributed))
+        raise typer.Exit(launcher.relaunch(argv, processes, distributed))
 
     def work():
         from nlpkit.report import is_main_process
@@ -164,9 +170,9 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         cfg = load()
         if not resume and is_main_process():  # launched processes: the launcher claimed it already
             _claim_output_dir(out)
-        stage = importlib.import_module(STAGES[cfg.stage])
+        stage = importlib.import_module(RLHF_ALGOS[cfg.algo] if cfg.stage == "rlhf" else STAGES[cfg.stage])
         metrics = stage.run(cfg, out, resume=resume)
-        launch.finish()
+        launcher.finish()
         return {"output_dir": str(out), **metrics}
 
     _execute(work, as_json)  # the stage printed the run summary on stderr

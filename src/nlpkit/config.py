@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nlpkit.distributed import world_size
 from nlpkit.errors import NlpkitError
 
 
@@ -106,7 +106,7 @@ class TrainSection(Section):
         return {
             "output_dir": str(output_dir / "checkpoints"),
             **{name: getattr(self, name) for name in copied},
-            "per_device_train_batch_size": self.per_device_batch(int(os.environ.get("WORLD_SIZE", "1"))),
+            "per_device_train_batch_size": self.per_device_batch(world_size()),
             "bf16": bf16,
             "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
             "eval_strategy": self.eval_strategy if has_eval else "no",

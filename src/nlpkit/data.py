@@ -459,3 +459,85 @@ def sft_dataset(rows: Rows, fmt: str, limit: int | None, seed: int):
     converted = [sft_example(row, fmt, rows, i) for i, row in enumerate(rows.rows)]
     columns = {key: [example[key] for example in converted] for key in converted[0]}
     return datasets.Dataset.from_dict(subsample(columns, limit, seed))
+
+
+# ---------------------------------------------------------------------------------------------- preference rows (reward)
+
+
+def preference_columns(rows: Rows) -> dict[str, list]:
+    """Validate every row: prompt (optional, in every row or none), chosen, rejected as text.
+
+    With an explicit prompt a reply may be blank (HH-RLHF prefers saying nothing in a few pairs: the score is then
+    read at the EOS right after the prompt); a whole text never may.
+    """
+    explicit = "prompt" in rows.rows[0]
+    needed = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
+    columns = {name: [] for name in needed}
+    for i, row in enumerate(rows.rows):
+        for name in needed:
+            value = row.get(name)
+            blank_allowed = explicit and name != "prompt"
+            if not isinstance(value, str) or not (value.strip() or blank_allowed):
+                what = "missing" if name not in row else "empty or not text"
+                raise NlpkitError(f"{rows.where(i)}: {name!r} is {what}; preference rows need "
+                                  f"{', '.join(needed)} (this row has {', '.join(row) or 'no fields'})")
+            columns[name].append(value)
+    return columns
+
+
+def pair_ids(tokenizer, pairs: dict[str, list], max_length: int) -> dict[str, list]:
+    """Token ids of prompt + chosen and prompt + rejected, each with the EOS the score is read at appended.
+
+    Longer texts keep their end (left truncation): the replies and the EOS are what a pair is about, so no pair is
+    dropped, only the oldest turns of a long conversation.
+    """
+    prompts = pairs.get("prompt") or [""] * len(pairs["chosen"])
+
+    def encode(replies):
+        return [tokenizer(p + r + tokenizer.eos_token)["input_ids"][-max_length:] for p, r in zip(prompts, replies)]
+
+    return {"chosen_ids": encode(pairs["chosen"]), "rejected_ids": encode(pairs["rejected"])}
+
+
+# ---------------------------------------------------------------------------------------------- prompt rows (rlhf)
+
+PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
+
+
+def prompt_column(rows: Rows, chosen: str | None) -> str:
+    present = list(rows.rows[0])
+    column = chosen or next((c for c in PROMPT_COLUMNS if c in present), None)
+    if column is None or column not in present:
+        raise NlpkitError(f"{rows.name}: no prompt column (columns: {', '.join(present)}); rlhf needs one of "
+                          f"{', '.join(PROMPT_COLUMNS)}, or set data.text_column to the column that holds prompts")
+    return column
+
+
+def prompt_records(rows: Rows, column: str) -> list[dict]:
+    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
+    records, columns = [], set(rows.rows[0])
+    for i, row in enumerate(rows.rows):
+        text = row.get(column)
+        if not isinstance(text, str) or not text.strip():
+            raise NlpkitError(f"{rows.where(i)}: prompt column {column!r} is missing or empty; fill it or remove "
+                              "the row")
+        if set(row) != columns:  # reward functions get every column as a list over the batch
+            odd = sorted(set(row) ^ columns)
+            raise NlpkitError(f"{rows.where(i)}: columns differ from the first row's ({', '.join(odd)}); give every "
+                              "prompt row the same columns")
+        records.append({**{k: v for k, v in row.items() if k != column}, "prompt": text})
+    return records
+
+
+def split_prompts(rows: Rows, column: str, held: int, seed: int, limit: int | None) -> tuple[list[dict], list[dict]]:
+    """Hold out `held` prompts (ppo.eval_prompts; shuffled with the seed) that training never samples; the rest,
+    at most `limit` of them (data.max_train_samples), are the training prompts."""
+    records = prompt_records(rows, column)
+    random.Random(seed).shuffle(records)
+    if held >= len(records):
+        raise NlpkitError(f"ppo.eval_prompts: {held} held-out prompts leave none of the {len(records)} in "
+                          f"{rows.name} to train on; lower it or set data.eval")
+    train = records[held:]
+    if limit:
+        train = train[:limit]
+    return train, records[:held]

@@ -41,9 +41,9 @@ def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair
     if run.is_causal_lm:
         return lm_metrics(ref, data_spec, mirror)
     if run.stage == "reward":
-        from nlpkit.stages.reward import evaluate_run  # TODO(restructure): moves to scoring.py
+        from nlpkit.scoring import reward_run_metrics
 
-        return evaluate_run(run.path, data_spec, mirror)
+        return reward_run_metrics(run, data_spec, mirror)
     return classifier_metrics(run, data_spec, text_column, text_pair_column, label_column, mirror)
 
 

@@ -191,17 +191,7 @@ def chat_tokenizer(tokenizer, chat_template: str | None):
         tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
     if tokenizer.chat_template is None:
         raise NlpkitError("data.chat_template: the model has no chat template; set one (Jinja text or a file)")
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # A pad equal to EOS gets the EOS masked out of the labels with the padding: the model never learns to stop.
-        spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tokenizer.get_vocab()
-                      and t != tokenizer.eos_token), None)
-        if spare is None:
-            raise NlpkitError("model.name: the tokenizer has no pad token distinct from its EOS; pick a model whose "
-                              "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
-        tokenizer.pad_token = spare
-    return tokenizer
-
-
+    return distinct_pad(tokenizer, "model.name")
 
 
 def _from_pretrained(auto_class, model_cfg, **kwargs):
@@ -219,6 +209,36 @@ def _from_pretrained(auto_class, model_cfg, **kwargs):
         raise
 
 
+# Tokens a tokenizer may already have that can serve as pad: never the EOS (distinct_pad).
+SPARE_PADS = ("<|endoftext|>", "<pad>", "<unk>", "[PAD]")
+
+
+def distinct_pad(tokenizer, key: str, fix: bool = True):
+    """Pad must differ from EOS (docs/ppo-checklist.md item 1): a pad equal to EOS makes the EOS look like padding,
+    so SFT masks it out of the labels (the model never learns to stop) and a reward model reads its score at the
+    wrong token. When training, borrow a spare token of the vocabulary; a saved reward model whose pad is its EOS
+    (fix=False) is refused: it was trained reading its scores at the wrong token. `key` names the model in errors."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return tokenizer
+    if not fix:
+        raise NlpkitError(f"{key}: the tokenizer's pad token is its EOS ({tokenizer.eos_token!r}), so the EOS the "
+                          "score is read at looks like padding; retrain it with `nlpkit finetune` (stage: reward), "
+                          "which picks a distinct pad")
+    spare = next((t for t in SPARE_PADS if t in tokenizer.get_vocab() and t != tokenizer.eos_token), None)
+    if spare is None:
+        raise NlpkitError(f"{key}: the tokenizer has no pad token distinct from its EOS; pick a model whose "
+                          "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
+    tokenizer.pad_token = spare
+    return tokenizer
+
+
+def autocast(bf16: bool, device):
+    """bf16 autocast on the device the model runs on (a torch.device or its name); a no-op when bf16 is off."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def bf16_is_fast() -> bool:
     """bf16 autocast pays off on CUDA with bf16 and on CPUs with avx512_bf16 or AMX; fp16 is unusably slow on CPU."""
     import torch
@@ -231,9 +251,3 @@ def bf16_is_fast() -> bool:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-
-def autocast(bf16: bool, device):
-    """bf16 autocast on the device's own type (cuda, cpu); a no-op context when bf16 is off."""
-    import torch
-
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)

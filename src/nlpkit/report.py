@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from nlpkit.distributed import is_main_process
 from nlpkit.runs import MANIFEST, write_json, write_manifest
 
 # soft_wrap: an error stays one line, whatever the width; emoji=False: "sst2:train" must not print as a train emoji
@@ -27,11 +28,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 PACKAGES = ("nlpkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
 # Names of keys and environment variables that hold secrets: HF_TOKEN, hub_token, WANDB_API_KEY, db_password.
 SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
-
-
-def is_main_process() -> bool:
-    """Under `--num-processes N` every process runs the stage; only the first talks and writes (RANK: torchrun's)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def info(message: str) -> None:

@@ -28,7 +28,6 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI

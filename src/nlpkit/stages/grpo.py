@@ -18,10 +18,10 @@ from pathlib import Path
 from nlpkit import report, training
 from nlpkit.adapters import peft_config
 from nlpkit.config import GRPOSection, Recipe
-from nlpkit.data import open_source
-from nlpkit.models import bf16_is_fast, load_tokenizer, resolve_model
-from nlpkit.stages.reward import distinct_pad
-from nlpkit.stages.rlhf import Scorer, process_device, prompt_column, prompt_records
+from nlpkit.data import open_source, prompt_column, prompt_records
+from nlpkit.distributed import process_device
+from nlpkit.models import bf16_is_fast, distinct_pad, load_tokenizer, resolve_model
+from nlpkit.scoring import Scorer
 
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:

@@ -6,8 +6,8 @@
 Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is
 -log sigmoid(r_chosen - r_rejected), with r read at the last real token. Every text gets the EOS appended (as trl
 would), so the score is read AT the EOS: `nlpkit rlhf` scores policy responses the same way. Pad is never the EOS
-(PPO.md item 1): the classifier finds the last real token by the first pad, and a pad equal to EOS would hide the
-token it scores.
+(docs/ppo-checklist.md item 1): the classifier finds the last real token by the first pad, and a pad equal to EOS
+would hide the token it scores.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit import runs
 from nlpkit.adapters import apply_peft
 from nlpkit.config import Recipe
-from nlpkit.data import Rows, default_eval_source, open_source, subsample
-from nlpkit.errors import NlpkitError
-from nlpkit.models import bf16_is_fast, load_model, load_tokenizer
+from nlpkit.data import default_eval_source, open_source, pair_ids, preference_columns, subsample
+from nlpkit.models import bf16_is_fast, distinct_pad, load_model, load_tokenizer
+from nlpkit.scoring import pair_metrics
 
 def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     import datasets
@@ -72,127 +71,3 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                      started=started)
     return metrics
 
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_run(run_dir: Path, data_spec: str, mirror: str | None) -> dict:
-    """Pair accuracy and mean margin of a reward run on any preference file: the same keys as its metrics.json."""
-    manifest = runs.open_run(run_dir).manifest
-    model, tokenizer = load_reward_model(str(run_dir), "RUN_DIR")
-    rows = open_source(data_spec, "test", "--data", mirror)
-    return pair_metrics(model, tokenizer, preference_columns(rows), manifest["task"]["max_length"],
-                        manifest["config"]["train"]["per_device_eval_batch_size"], manifest["task"]["bf16"])
-
-
-def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batch_size: int, bf16: bool) -> dict:
-    """Score chosen and rejected texts exactly as the model was trained on them (pair_ids), read at the EOS.
-
-    Ties count as wrong: a reward model that scores everything alike has accuracy 0, not 0.5.
-    """
-    def scores(rows: list[list[int]]) -> list[float]:
-        return [score for start in range(0, len(rows), batch_size)
-                for score in score_ids(model, rows[start:start + batch_size], tokenizer.pad_token_id, bf16)]
-
-    model.eval()
-    ids = pair_ids(tokenizer, pairs, max_length)
-    chosen, rejected = scores(ids["chosen_ids"]), scores(ids["rejected_ids"])
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}
-
-
-def pair_ids(tokenizer, pairs: dict[str, list], max_length: int) -> dict[str, list]:
-    """Token ids of prompt + chosen and prompt + rejected, each with the EOS the score is read at appended.
-
-    Longer texts keep their end (left truncation): the replies and the EOS are what a pair is about, so no pair is
-    dropped, only the oldest turns of a long conversation.
-    """
-    prompts = pairs.get("prompt") or [""] * len(pairs["chosen"])
-
-    def encode(replies):
-        return [tokenizer(p + r + tokenizer.eos_token)["input_ids"][-max_length:] for p, r in zip(prompts, replies)]
-
-    return {"chosen_ids": encode(pairs["chosen"]), "rejected_ids": encode(pairs["rejected"])}
-
-
-def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[float]:
-    """Right-pad token lists, run the classifier, read the score at each list's last token."""
-    import torch
-
-    from nlpkit.ppo.core import per_token_scores, scores_at
-
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(row) for row in ids], device=device)
-    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
-    for i, row in enumerate(ids):
-        batch[i, :len(row)] = torch.tensor(row)
-    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
-    return scores_at(per_token, lengths - 1).tolist()
-
-
-def load_reward_model(ref: str, key: str):
-    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = Path(ref)
-    if not (path / "config.json").is_file():
-        raise NlpkitError(f"{key} {ref}: not a reward model directory (no config.json); give the output directory of "
-                          "a `stage: reward` run")
-    config = AutoConfig.from_pretrained(path)
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise NlpkitError(f"{key} {ref}: not a reward model (architectures {architectures}, num_labels "
-                          f"{config.num_labels}); it must be a sequence classifier with num_labels=1, as "
-                          "`nlpkit finetune` with stage: reward writes")
-    tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
-    if (path / "adapter_config.json").is_file():
-        model = runs.load_model(runs.open_run(path)).merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def preference_columns(rows: Rows) -> dict[str, list]:
-    """Validate every row: prompt (optional, in every row or none), chosen, rejected as text.
-
-    With an explicit prompt a reply may be blank (HH-RLHF prefers saying nothing in a few pairs: the score is then
-    read at the EOS right after the prompt); a whole text never may.
-    """
-    explicit = "prompt" in rows.rows[0]
-    needed = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
-    columns = {name: [] for name in needed}
-    for i, row in enumerate(rows.rows):
-        for name in needed:
-            value = row.get(name)
-            blank_allowed = explicit and name != "prompt"
-            if not isinstance(value, str) or not (value.strip() or blank_allowed):
-                what = "missing" if name not in row else "empty or not text"
-                raise NlpkitError(f"{rows.where(i)}: {name!r} is {what}; preference rows need "
-                                  f"{', '.join(needed)} (this row has {', '.join(row) or 'no fields'})")
-            columns[name].append(value)
-    return columns
-
-
-def distinct_pad(tokenizer, key: str, fix: bool = True):
-    """Pad must differ from EOS (PPO.md item 1). When training, borrow a spare special token; a saved reward model
-    whose pad is its EOS is refused: it was trained reading its scores at the wrong token."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
-        return tokenizer
-    if not fix:
-        raise NlpkitError(f"{key}: the tokenizer's pad token is its EOS ({tokenizer.eos_token!r}), so the EOS the "
-                          "score is read at looks like padding; retrain it with `nlpkit finetune` (stage: reward), "
-                          "which picks a distinct pad")
-    spare = next((t for t in ("<|endoftext|>", "<pad>", "<unk>", "[PAD]") if t in tokenizer.get_vocab()
-                  and t != tokenizer.eos_token), None)
-    if spare is None:
-        raise NlpkitError(f"{key}: the tokenizer has no pad token distinct from its EOS; pick a model whose "
-                          "vocabulary has one (<pad>, <unk> or <|endoftext|>)")
-    tokenizer.pad_token = spare
-    return tokenizer

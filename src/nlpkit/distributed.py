@@ -1,4 +1,5 @@
-"""Several processes through accelerate: `--num-processes N [--distributed ddp|zero2|zero3|fsdp]`.
+"""Where a process stands: its rank, the world size, its device; gradient averaging; and several processes through
+accelerate: `--num-processes N [--distributed ddp|zero2|zero3|fsdp]`.
 
     nlpkit finetune recipes/classify-sst2.yaml --num-processes 2                    # DDP: one process per GPU
     nlpkit finetune recipes/sft-dolly-lora.yaml --num-processes 8 --distributed zero2
@@ -6,7 +7,8 @@
 
 The command checks the recipe and claims the output directory once, then runs itself again under `accelerate launch`
 with a shipped preset (src/nlpkit/presets/). Inside the launched processes Trainer does the distribution; nlpkit
-only keeps the run directory, console and results to the main process.
+only keeps the run directory, console and results to the main process; nlpkit's own PPO loop uses the process group
+helpers below. The bottom layer: it imports nothing of nlpkit but errors, so config and report can ask it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,57 @@ def in_launched_process() -> bool:
     return "LOCAL_RANK" in os.environ  # set by torchrun, which accelerate launch runs
 
 
+def rank() -> int:
+    """This process's number among the launched ones (torchrun's RANK); 0 when not launched."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
+    """How many processes run the stage (torchrun's WORLD_SIZE); 1 when not launched."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Under `--num-processes N` every process runs the stage; only the first talks and writes."""
+    return rank() == 0
+
+
+def process_group():
+    """(rank, world size, all_sum, gather) for this process. One process: (0, 1, None, [x]). Under
+    `--num-processes N` accelerate launch set the group up (gloo on CPU, NCCL on GPUs); PartialState joins it."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return 0, 1, None, lambda value: [value]
+    from accelerate import PartialState
+
+    PartialState()
+
+    def all_sum(tensor):
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    def gather(value) -> list:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    return dist.get_rank(), dist.get_world_size(), all_sum, gather
+
+
+def process_device():
+    """This process's GPU (LOCAL_RANK under accelerate launch) when there is one, else the CPU."""
+    import torch
+
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+
+
+def average_gradients(params, all_sum, world: int) -> None:
+    """What DDP does after backward, for a loop without DDP: every process steps with the mean gradient."""
+    for param in params:
+        if param.grad is not None:
+            param.grad = all_sum(param.grad) / world
 
 
 def check(num_processes: int, distributed: str | None) -> None:
@@ -74,8 +125,6 @@ def finish() -> None:
 
 
 def record_exit(code: int) -> None:
-    from nlpkit.report import is_main_process
-
     if EXIT_FILE in os.environ and is_main_process():
         Path(os.environ[EXIT_FILE]).write_text(json.dumps({"exit_code": code}))
 

@@ -1,0 +1,147 @@
+"""Scoring completions, for every RL and evaluation path: a reward model read at the EOS, plus reward functions.
+
+A reward model is a `stage: reward` run (full or adapter) or any saved sequence classifier with num_labels=1; reward
+functions are `reward.function` specs (nlpkit/rewards.py). stages/ppo.py scores its rollouts and its before/after
+evaluation with the Scorer, stages/grpo.py hands it to trl as one reward function, and stages/reward.py reads pair
+accuracy with score_ids, so every path scores text the way the reward model was trained: at the EOS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from nlpkit import runs
+from nlpkit.adapters import apply_peft, trainable_in_fp32
+from nlpkit.config import PeftSection, Recipe
+from nlpkit.errors import NlpkitError
+from nlpkit.models import autocast, distinct_pad
+from nlpkit.data import open_source, pair_ids, preference_columns
+from nlpkit.rewards import call_reward_function, load_reward_function
+
+
+class Scorer:
+    """Score completions: the reward model at the EOS (text in the reward model's own format), plus weighted
+    reward functions. The same object scores the training rollouts and the before/after evaluation."""
+
+    def __init__(self, cfg: Recipe, bf16: bool, device):
+        import torch
+
+        self.template = cfg.reward.prompt_template
+        self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
+        self.weight = cfg.reward.function_weight
+        self.bf16 = bf16
+        self.model = self.tokenizer = None
+        self.reward_view = contextlib.nullcontext  # add_value_adapter: with that adapter disabled
+        self.max_length = 1024
+        if cfg.reward.model is not None:
+            self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
+            # Frozen, and only ever run under autocast: held in bf16 when autocast is, at half the memory.
+            self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32).eval()  # [3]
+            manifest = Path(cfg.reward.model) / runs.MANIFEST
+            if manifest.is_file():  # score no longer text than the reward model was trained on
+                self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
+
+    def score(self, batch: list[dict], completions: list[str]) -> list[float]:
+        totals = [0.0] * len(completions)
+        if self.model is not None:
+            # Every text ends in the EOS and is scored there [8]: RewardTrainer trained on text + EOS, and what the
+            # head says at any other token is untrained (reward-hh read 0.86 higher, on average, at a reply's last
+            # token than at its EOS, which outweighed the missing-EOS penalty and taught the policy not to stop).
+            # A response cut by the window is scored as if it ended there, and loses missing_eos_penalty [9]
+            # (OpenRLHF likewise writes an EOS at the end of every sequence).
+            ids = [self.tokenizer(self.template.format(prompt=record["prompt"]) + completion +
+                                  self.tokenizer.eos_token)["input_ids"][-self.max_length:]
+                   for record, completion in zip(batch, completions)]
+            with self.reward_view():
+                totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
+        if self.functions:
+            prompts = [record["prompt"] for record in batch]
+            columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
+            for spec, function in self.functions:
+                values = call_reward_function(spec, function, prompts, completions, columns)
+                totals = [t + self.weight * v for t, v in zip(totals, values)]
+        return totals
+
+    def add_value_adapter(self, peft: PeftSection):
+        """[24] The PPO value model as a peft adapter on this reward model, with a trainable copy of its score head
+        (SEQ_CLS): one reward model in memory, and no gradients or AdamW state for its base. From now on this Scorer
+        scores with that adapter disabled, so the reward stays the reward model's own while the value model trains.
+        The adapter trains in fp32 over the frozen base (bf16 when autocast is)."""
+        value_model = apply_peft(self.model, peft, task_type="SEQ_CLS")
+        trainable_in_fp32(value_model)
+        self.reward_view = value_model.disable_adapter
+        return value_model
+
+
+def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[float]:
+    """Right-pad token lists, run the classifier, read the score at each list's last token."""
+    import torch
+
+    from nlpkit.ppo.core import per_token_scores, scores_at
+
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(row) for row in ids], device=device)
+    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
+    for i, row in enumerate(ids):
+        batch[i, :len(row)] = torch.tensor(row)
+    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
+    with torch.inference_mode(), autocast(bf16, device):
+        per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
+    return scores_at(per_token, lengths - 1).tolist()
+
+
+def load_reward_model(ref: str, key: str):
+    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise NlpkitError(f"{key} {ref}: not a reward model directory (no config.json); give the output directory of "
+                          "a `stage: reward` run")
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise NlpkitError(f"{key} {ref}: not a reward model (architectures {architectures}, num_labels "
+                          f"{config.num_labels}); it must be a sequence classifier with num_labels=1, as "
+                          "`nlpkit finetune` with stage: reward writes")
+    tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
+    if (path / "adapter_config.json").is_file():
+        model = runs.load_model(runs.open_run(path)).merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- pair accuracy
+
+
+def reward_run_metrics(run: runs.Run, data_spec: str, mirror: str | None) -> dict:
+    """Pair accuracy and mean margin of a reward run on any preference file: the same keys as its metrics.json."""
+    model, tokenizer = load_reward_model(str(run.path), "RUN_DIR")
+    rows = open_source(data_spec, "test", "--data", mirror)
+    return pair_metrics(model, tokenizer, preference_columns(rows), run.task["max_length"],
+                        run.recipe.train.per_device_eval_batch_size, run.task["bf16"])
+
+
+def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batch_size: int, bf16: bool) -> dict:
+    """Score chosen and rejected texts exactly as the model was trained on them (pair_ids), read at the EOS.
+
+    Ties count as wrong: a reward model that scores everything alike has accuracy 0, not 0.5.
+    """
+    def scores(rows: list[list[int]]) -> list[float]:
+        return [score for start in range(0, len(rows), batch_size)
+                for score in score_ids(model, rows[start:start + batch_size], tokenizer.pad_token_id, bf16)]
+
+    model.eval()
+    ids = pair_ids(tokenizer, pairs, max_length)
+    chosen, rejected = scores(ids["chosen_ids"]), scores(ids["rejected_ids"])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}

@@ -348,7 +348,7 @@ def data_check(
 
     def work():
         from nlpkit.data import mirror_dir
-        from nlpkit.stages.sft import data_check as check
+        from nlpkit.data.check import data_check as check
 
         allowed = ("auto", "alpaca", "messages", "prompt_completion", "text")
         if format not in allowed:

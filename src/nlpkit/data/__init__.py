@@ -1,0 +1,30 @@
+"""Data: where rows come from (sources.py), what they mean by shape (formats.py), and the dataset doctor (check.py).
+
+The names below are the package's interface; each lives in the module named beside it.
+"""
+
+from nlpkit.data.formats import (  # noqa: F401
+    LabelSpace,
+    classification_examples,
+    detect_sft_format,
+    infer_label_space,
+    pair_ids,
+    preference_columns,
+    prompt_column,
+    prompt_records,
+    resolve_columns,
+    sft_dataset,
+    sft_example,
+    split_prompts,
+    tokenize_classification,
+)
+from nlpkit.data.sources import (  # noqa: F401
+    CATALOG,
+    Rows,
+    catalog_entry,
+    default_eval_source,
+    mirror_dir,
+    open_source,
+    read_file,
+    subsample,
+)

@@ -220,14 +220,14 @@ def test_serve_refuses_a_model_without_a_head(tiny_bert):
 
 
 def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
-    from nlpkit.serve import _ClassifyBatcher, classify_texts
+    from nlpkit.batching import ClassifyBatcher, classify_texts
 
     served = load_served(str(tiny_classifier))
     requests = [["good food"], ["the team won", "tech news"], ["bad"], ["a fine film", "dull", "great"]]
     alone = [classify_texts(served, texts) for texts in requests]
     passes = []
     served.model.register_forward_hook(lambda module, args, kwargs_or_out: passes.append(1))
-    batcher = _ClassifyBatcher(served, max_batch=64)
+    batcher = ClassifyBatcher(served, max_batch=64)
     with served.lock:  # the model is busy: every request queues up meanwhile
         futures = [batcher.submit(texts) for texts in requests]
     results = [f.result(timeout=60) for f in futures]
@@ -239,7 +239,7 @@ def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
 
 
 def test_concurrent_chat_answers_are_generated_together_and_each_stops_on_its_own(chat_served):
-    from nlpkit.serve import _ChatBatcher
+    from nlpkit.batching import ChatBatcher
 
     tokenizer, model = chat_served.tokenizer, chat_served.model
     questions = [("hello there", 8), ("good food and tech news today", 3), ("the team", 12)]
@@ -254,7 +254,7 @@ def test_concurrent_chat_answers_are_generated_together_and_each_stops_on_its_ow
     original = model.generate
     model.generate = lambda *a, **k: passes.append(k["input_ids"].shape[0]) or original(*a, **k)
     try:
-        batcher = _ChatBatcher(chat_served, max_batch=16)
+        batcher = ChatBatcher(chat_served, max_batch=16)
         with chat_served.lock:  # the model is busy: all three queue up and go in one batch
             jobs = [batcher.submit(p, limit, 0.0, 1.0, None) for p, (_, limit) in zip(prompts, questions)]
         answers = ["".join(job) for job in jobs]

@@ -9,23 +9,18 @@ Endpoints: `GET /health`, `GET /` (the page), `POST /v1/chat/completions` (with 
 as OpenAI sends them, `data: {...}` chunks and a closing `data: [DONE]`), `POST /v1/classify`. Errors are OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status that says whose fault it is.
 
-One model, one lock: work runs one piece at a time on the model. On a few CPU cores two forward passes side by side
-only fight over the same cores, and the lock keeps peak memory at one batch's worth. Requests that arrive while the
-model is busy are batched: one forward pass for every text queued (up to 64), and one generate() call for up to 16
-chat answers (each streamed on its own, stopped at its own EOS or max_tokens). That is what keeps latency down when
-many requests come at once.
+One model, one lock: work runs one piece at a time on the model, and requests that arrive while it is busy are
+batched (batching.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -37,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher
 from nlpkit.errors import NlpkitError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -148,8 +144,8 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
     """The app for one served model. `api_key` guards /v1/* (the page and /health stay open, the page asks for it)."""
     app = FastAPI(title=f"nlpkit serve {served.name}", docs_url="/docs", redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
-    batcher = _ClassifyBatcher(served, max_batch) if served.task == "classify" else None
-    chat_batcher = _ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
+    batcher = ClassifyBatcher(served, max_batch) if served.task == "classify" else None
+    chat_batcher = ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -226,222 +222,6 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
                           "total_tokens": used + stream.completion_tokens}}
 
     return app
-
-
-def classify_texts(served: Served, texts: list[str]) -> list[dict]:
-    """Scores for each text: softmax over labels (single-label), a sigmoid per label (multi-label), or the value."""
-    import torch
-
-    batch = served.tokenizer(texts, truncation=True, max_length=served.max_length, padding=True, return_tensors="pt")
-    with served.lock, torch.inference_mode():
-        logits = served.model(**batch).logits.float()
-    results = []
-    for index, row in enumerate(logits):
-        if served.problem_type == "regression":
-            results.append({"index": index, "value": row[0].item()})
-            continue
-        probs = row.sigmoid() if served.problem_type == "multi_label_classification" else row.softmax(-1)
-        scores = sorted(({"label": label, "score": p} for label, p in zip(served.labels, probs.tolist())),
-                        key=lambda s: -s["score"])
-        results.append({"index": index, "label": scores[0]["label"], "score": scores[0]["score"], "scores": scores})
-    return results
-
-
-class _ClassifyBatcher:
-    """One worker thread runs the model; requests queue their texts and wait on a future. Each pass takes every
-    request waiting (up to max_batch texts), so a burst of requests costs a few forward passes, not one each."""
-
-    def __init__(self, served: Served, max_batch: int):
-        self.served, self.max_batch = served, max_batch
-        self.waiting: queue.Queue[tuple[list[str], Future]] = queue.Queue()
-        threading.Thread(target=self._work, daemon=True, name="nlpkit-classify").start()
-
-    def submit(self, texts: list[str]) -> Future:
-        done: Future = Future()
-        self.waiting.put((texts, done))
-        return done
-
-    def _work(self):
-        while True:
-            batch = [self.waiting.get()]
-            size = len(batch[0][0])
-            while True:
-                try:
-                    texts, done = self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if size + len(texts) > self.max_batch:
-                    self.waiting.put((texts, done))  # next pass; order within a burst does not matter
-                    break
-                batch.append((texts, done))
-                size += len(texts)
-            try:
-                results = classify_texts(self.served, [t for texts, _ in batch for t in texts])
-            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
-                for _, done in batch:
-                    done.set_exception(e)
-                continue
-            start = 0
-            for texts, done in batch:
-                mine = results[start:start + len(texts)]
-                done.set_result([{**r, "index": i} for i, r in enumerate(mine)])
-                start += len(texts)
-
-
-class ChatJob:
-    """One chat answer: iterating yields its text as it is generated; afterwards `finish_reason` ("stop" at EOS,
-    "length" at max_tokens) and `completion_tokens` are set. `close()` (a client gone) drops it from its batch."""
-
-    def __init__(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
-                 loop: asyncio.AbstractEventLoop | None = None):
-        self.prompt, self.max_tokens, self.seed = prompt, max_tokens, seed
-        self.loop = loop  # given: pieces go to an asyncio queue, read with `async for` in the server's event loop
-        self.apieces: asyncio.Queue[str | None] | None = asyncio.Queue() if loop is not None else None
-        self.sampling = (temperature, top_p)
-        self.finish_reason, self.completion_tokens = "stop", 0
-        self.tokens: list[int] = []
-        self.sent = 0  # characters of the decoded answer already handed out
-        self.pieces: queue.Queue[str | None] = queue.Queue()
-        self.cancelled = threading.Event()
-        self.error: BaseException | None = None
-
-    def put(self, piece: str | None):
-        """From the generating thread: the next piece of text, or None at the end."""
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.apieces.put_nowait, piece)
-        else:
-            self.pieces.put(piece)
-
-    def __iter__(self):
-        try:
-            while (piece := self.pieces.get()) is not None:
-                yield piece
-        finally:
-            self.cancelled.set()
-        if self.error is not None:
-            raise self.error
-
-    async def __aiter__(self):
-        try:
-            while (piece := await self.apieces.get()) is not None:
-                yield piece
-        finally:
-            self.cancelled.set()
-        if self.error is not None:
-            raise self.error
-
-    def close(self):
-        self.cancelled.set()
-
-
-class _ChatBatcher:
-    """One worker thread generates; answers asked for while it is busy are generated together in one batch
-    (left-padded, up to max_batch), each streamed on its own and stopped at its own EOS or max_tokens. On a CPU a
-    decoding step for 16 rows costs little more than for one, so a burst of requests is served in a few passes.
-    Requests with a seed run alone, so the same seed gives the same answer whoever else is asking."""
-
-    def __init__(self, served: Served, max_batch: int):
-        self.served, self.max_batch = served, max_batch
-        self.waiting: queue.Queue[ChatJob] = queue.Queue()
-        threading.Thread(target=self._work, daemon=True, name="nlpkit-chat").start()
-
-    def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
-               seed: int | None, loop: asyncio.AbstractEventLoop | None = None) -> ChatJob:
-        job = ChatJob(prompt, max_tokens, temperature, top_p, seed, loop)
-        self.waiting.put(job)
-        return job
-
-    def _work(self):
-        while True:
-            batch, later = [self.waiting.get()], []
-            while batch[0].seed is None and len(batch) < self.max_batch:
-                try:
-                    job = self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if job.seed is None and job.sampling == batch[0].sampling else later).append(job)
-            for job in later:
-                self.waiting.put(job)
-            batch = [job for job in batch if not job.cancelled.is_set()]
-            if not batch:
-                continue
-            try:
-                self._generate(batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
-                for job in batch:
-                    job.error = e
-                    job.put(None)
-
-    def _generate(self, jobs: list[ChatJob]):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tokenizer, model = self.served.tokenizer, self.served.model
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.tensor([[pad] * (width - len(job.prompt)) + job.prompt for job in jobs])
-        mask = torch.tensor([[0] * (width - len(job.prompt)) + [1] * len(job.prompt) for job in jobs])
-        streamer = _RowStreamer(jobs, tokenizer)
-
-        class RowsDone(StoppingCriteria):  # a row at its own max_tokens, or whose client left, stops
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor(streamer.done, dtype=torch.bool)
-
-        temperature, top_p = jobs[0].sampling
-        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else
-                    {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})  # None: clear defaults
-        with self.served.lock, torch.inference_mode():
-            if jobs[0].seed is not None:
-                torch.manual_seed(jobs[0].seed)
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(job.max_tokens for job in jobs),
-                           streamer=streamer, stopping_criteria=StoppingCriteriaList([RowsDone()]),
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling)
-        streamer.end()  # rows generate() left unfinished (it calls end() too; a second call finds nothing to do)
-
-
-class _RowStreamer:
-    """generate()'s streamer for a batch: hands each row's new text to its job, and ends a row at EOS or at its
-    own max_tokens. Text is held back while it ends in a partial UTF-8 character."""
-
-    def __init__(self, jobs: list[ChatJob], tokenizer):
-        self.jobs, self.tokenizer = jobs, tokenizer
-        self.done = [False] * len(jobs)
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # the first call carries the prompts
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            job = self.jobs[row]
-            if self.done[row]:
-                continue
-            if token == self.tokenizer.eos_token_id:
-                self._finish(row, "stop", counted=1)
-                continue
-            job.tokens.append(token)
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > job.sent:
-                job.put(text[job.sent:])
-                job.sent = len(text)
-            if len(job.tokens) >= job.max_tokens:
-                self._finish(row, "length")
-            elif job.cancelled.is_set():
-                self._finish(row, "stop")
-
-    def end(self):
-        for row in range(len(self.jobs)):
-            if not self.done[row]:
-                self._finish(row, "length")
-
-    def _finish(self, row: int, reason: str, counted: int = 0):
-        job = self.jobs[row]
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        if len(text) > job.sent:
-            job.put(text[job.sent:])
-        job.finish_reason, job.completion_tokens = reason, len(job.tokens) + counted  # the EOS counts, as OpenAI's
-        self.done[row] = True
-        job.put(None)
 
 
 async def _sse(stream: ChatJob, head: dict):

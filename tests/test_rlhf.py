@@ -124,7 +124,7 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlpkit.config import load_recipe
+    from nlpkit.recipes import load_recipe
     from nlpkit.ppo import core
     from nlpkit.ppo.rollout import make_rollout
     from nlpkit.ppo.update import train_on_rollout
@@ -165,7 +165,7 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     response_length) is scored with the EOS appended, not at its last token, and the penalty alone marks it."""
     import torch
 
-    from nlpkit.config import load_recipe
+    from nlpkit.recipes import load_recipe
     from nlpkit.scoring import Scorer, score_ids
 
     scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
@@ -186,7 +186,7 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nlpkit.adapters import apply_peft
-    from nlpkit.config import load_recipe
+    from nlpkit.recipes import load_recipe
     from nlpkit.models import autocast
     from nlpkit.ppo.rollout import make_rollout
     from nlpkit.ppo.update import train_on_rollout
@@ -460,7 +460,7 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlpkit.config import load_recipe
+    from nlpkit.recipes import load_recipe
     from nlpkit.ppo.rollout import make_rollout
     from nlpkit.ppo.update import train_on_rollout
     from nlpkit.scoring import Scorer

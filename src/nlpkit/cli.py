@@ -136,7 +136,7 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
     out = output_dir or Path("runs") / recipe.stem
 
     def load():
-        from nlpkit.config import load_recipe
+        from nlpkit.recipes import load_recipe
 
         cfg = load_recipe(recipe, overrides)
         if command == "rlhf" and cfg.stage != "rlhf":
@@ -381,7 +381,7 @@ def plan(
 
     def work():
         from nlpkit import plan as planning
-        from nlpkit.config import load_recipe
+        from nlpkit.recipes import load_recipe
 
         budget = planning.parse_memory(memory) if memory is not None else None
         cfg = load_recipe(recipe, _flag_overrides(lora, bits) + (overrides or []))
@@ -395,7 +395,7 @@ def recipes(as_json: JsonOpt = False):
     """List the shipped recipes with what each trains."""
 
     def work():
-        from nlpkit.config import recipes_dir
+        from nlpkit.recipes import recipes_dir
 
         folder = recipes_dir()
         listed = {}

@@ -1,8 +1,7 @@
-"""THE schema: one pydantic model for every stage, recipe loading, KEY=VALUE overrides, did-you-mean.
+"""THE schema: one pydantic model for every stage, the rules that span sections, and did-you-mean errors.
 
-A recipe is YAML. `nlpkit finetune RECIPE key=value ...` applies the overrides to the parsed YAML *before*
-validation, so an override is checked exactly like a key written in the file. Every problem is collected and
-reported at once as `dotted.key: problem (got X); did you mean Y?`.
+Every problem is collected and reported at once as `dotted.key: problem (got X); did you mean Y?`. Reading recipe
+files and applying KEY=VALUE overrides: recipes.py.
 """
 
 from __future__ import annotations
@@ -10,13 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nlpkit.distributed import world_size
 from nlpkit.errors import NlpkitError
 
 
@@ -95,30 +91,6 @@ class TrainSection(Section):
                 f"train.global_batch_size {self.global_batch_size}: does not divide into {processes} process(es) x "
                 f"{self.gradient_accumulation_steps} accumulation step(s); use a multiple of {per_step}")
         return self.global_batch_size // per_step
-
-    def trainer_kwargs(self, output_dir: Path, *, bf16: bool, has_eval: bool) -> dict:
-        """This section as TrainingArguments keywords (SFTConfig and friends take the same), for every stage."""
-        import torch
-
-        copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
-                  "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
-                  "save_strategy", "save_steps")
-        return {
-            "output_dir": str(output_dir / "checkpoints"),
-            **{name: getattr(self, name) for name in copied},
-            "per_device_train_batch_size": self.per_device_batch(world_size()),
-            "bf16": bf16,
-            "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
-            "eval_strategy": self.eval_strategy if has_eval else "no",
-            "report_to": "none",
-            # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
-            "save_total_limit": None,
-            "logging_nan_inf_filter": False,
-            # trl's configs turn activation checkpointing on: a second forward pass per step (about 30% of it) to
-            # save memory models of this size rarely need. train.extra.gradient_checkpointing=true brings it back.
-            "gradient_checkpointing": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
-            **self.extra,
-        }
 
 
 class PeftSection(Section):
@@ -262,46 +234,7 @@ class Recipe(Section):
     grpo: GRPOSection | None = None  # rlhf with algo grpo or rloo (absent = defaults)
 
 
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply dotted KEY=VALUE overrides, validate everything, return the typed config."""
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.stem for p in recipes_dir().glob("*.yaml")) if recipes_dir().is_dir() else []
-        hint = f"; shipped recipes: {', '.join(shipped)}" if shipped else ""
-        raise NlpkitError(f"recipe {path}: no such file{hint}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise NlpkitError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise NlpkitError(f"recipe {path}: must be a mapping of sections (stage:, model:, data:, train:)")
-    for override in overrides or []:
-        apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Set `a.b.c=value` in the raw recipe dict; the value is parsed as a YAML scalar (3e-5, true, null, [a, b])."""
-    key, sep, text = override.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise NlpkitError(f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=3e-5")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise NlpkitError(f"override {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+# ---------------------------------------------------------------------------------------------- validation
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
@@ -444,8 +377,3 @@ def _fields_at(loc: list[str]) -> list[str]:
 def _did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def recipes_dir() -> Path:
-    """The shipped recipes/ folder of a source checkout (installs with `pip install -e .` keep it)."""
-    return Path(__file__).resolve().parents[2] / "recipes"

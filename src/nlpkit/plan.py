@@ -109,7 +109,7 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
 
 
 def checkpointing(cfg: Recipe) -> bool:
-    """Activation checkpointing: as train.extra sets it; off otherwise (TrainSection.trainer_kwargs)."""
+    """Activation checkpointing: as train.extra sets it; off otherwise (training.trainer_kwargs)."""
     extra = cfg.train.extra
     for key in ("activation_checkpointing", "gradient_checkpointing"):
         if key in extra:

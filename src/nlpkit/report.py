@@ -309,32 +309,3 @@ TensorBoard: `tensorboard --logdir tensorboard` in this folder.
 
 {use}
 """
-
-
-def jsonl_log_callback(path: Path):
-    """A TrainerCallback appending every log event (loss, lr, eval metrics) to train_log.jsonl on the main process.
-
-    Build it after training.resume_point has cut the log back to the checkpoint: a resumed run then never writes a
-    line for a step the log already holds (sft's step-0 evaluation of the base model, run again on resume).
-    """
-    from transformers import TrainerCallback
-
-    lines = path.read_text().splitlines() if path.is_file() else []
-    last_step = json.loads(lines[-1])["step"] if lines else 0
-
-    class JsonlLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and state.global_step >= last_step:
-                with path.open("a") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-    return JsonlLog()
-
-
-def tensorboard_callback(output_dir: Path):
-    """Trainer's own TensorBoard callback, writing to OUTPUT_DIR/tensorboard (its default is under the checkpoints)."""
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(output_dir / "tensorboard")
-    return callback

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from nlpkit import report, runs
+from nlpkit.distributed import world_size
 from nlpkit.errors import NlpkitError, TrainingStopped
 
 MARKER = "nlpkit_checkpoint.json"
@@ -32,13 +33,38 @@ ZERO_LOSS_LOGS = 3  # consecutive logged losses of exactly 0 before the watchdog
 # ---------------------------------------------------------------------------------------------- trainer arguments
 
 
+def trainer_kwargs(train, output_dir: Path, *, bf16: bool, has_eval: bool) -> dict:
+    """The train: section as TrainingArguments keywords (SFTConfig and friends take the same), for every stage."""
+    import torch
+
+    copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
+              "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
+              "save_strategy", "save_steps")
+    return {
+        "output_dir": str(output_dir / "checkpoints"),
+        **{name: getattr(train, name) for name in copied},
+        "per_device_train_batch_size": train.per_device_batch(world_size()),
+        "bf16": bf16,
+        "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
+        "eval_strategy": train.eval_strategy if has_eval else "no",
+        "report_to": "none",
+        # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
+        "save_total_limit": None,
+        "logging_nan_inf_filter": False,
+        # trl's configs turn activation checkpointing on: a second forward pass per step (about 30% of it) to
+        # save memory models of this size rarely need. train.extra.gradient_checkpointing=true brings it back.
+        "gradient_checkpointing": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
+        **train.extra,
+    }
+
+
 def classifier_arguments(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
     """TrainingArguments of a sequence classifier (classify; evaluation of a classify run)."""
     from transformers import TrainingArguments
 
     # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would multiply
     # loss and gradients by the world size under DDP (STACK.md trap 5).
-    return TrainingArguments(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+    return TrainingArguments(**trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=has_eval),
                              average_tokens_across_devices=False)
 
 
@@ -52,9 +78,9 @@ def sft_config(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
         # Evaluating a plain model: batched as the shipped sft recipes batch their eval set (8 rows, length-grouped
         # with the default seed). Trainer's eval loss is a mean of per-batch means, so other batches give another
         # number, and this one reproduces a run's eval_loss_base.
-        kwargs = TrainSection(per_device_eval_batch_size=8).trainer_kwargs(output_dir, bf16=bf16, has_eval=True)
+        kwargs = trainer_kwargs(TrainSection(per_device_eval_batch_size=8), output_dir, bf16=bf16, has_eval=True)
         return SFTConfig(**kwargs, max_length=384)
-    return SFTConfig(**cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=has_eval),
+    return SFTConfig(**trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=has_eval),
                      max_length=cfg.data.max_length, completion_only_loss=cfg.train.completion_only,
                      packing=cfg.train.packing)
 
@@ -63,7 +89,7 @@ def sft_config(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
-    return output_dir / "checkpoints"  # TrainSection.trainer_kwargs points Trainer's output_dir here
+    return output_dir / "checkpoints"  # trainer_kwargs points Trainer's output_dir here
 
 
 def fit(trainer, cfg, checkpoint: Path | None, supervised: bool = True) -> dict:
@@ -252,3 +278,35 @@ def watchdog_callback(mode: str, zero_loss_is_masked: bool = True):
 def last_checkpoint(checkpoints: str) -> str:
     saved = committed(Path(checkpoints))
     return f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before this step"
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def jsonl_log_callback(path: Path):
+    """A TrainerCallback appending every log event (loss, lr, eval metrics) to train_log.jsonl on the main process.
+
+    Build it after training.resume_point has cut the log back to the checkpoint: a resumed run then never writes a
+    line for a step the log already holds (sft's step-0 evaluation of the base model, run again on resume).
+    """
+    from transformers import TrainerCallback
+
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last_step = json.loads(lines[-1])["step"] if lines else 0
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and state.global_step >= last_step:
+                with path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return JsonlLog()
+
+
+def tensorboard_callback(output_dir: Path):
+    """Trainer's own TensorBoard callback, writing to OUTPUT_DIR/tensorboard (its default is under the checkpoints)."""
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(output_dir / "tensorboard")
+    return callback

@@ -70,7 +70,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: classification_scores(p.predictions, p.label_ids, labels, full=False),
-        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl"), report.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
     )
     metrics = training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:

@@ -52,7 +52,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         return scorer.score(batch, texts)
 
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if cfg.algo == "grpo" else (RLOOConfig, RLOOTrainer)
-    kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)
+    kwargs = training.trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=False)
     kwargs["train_sampling_strategy"] = "random"  # group_by_length needs input_ids; prompts are messages here
     args = config_class(**kwargs, num_generations=grpo.num_generations, max_completion_length=grpo.max_completion_length,
                         temperature=grpo.temperature, beta=grpo.beta)
@@ -60,7 +60,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         model=resolve_model(cfg.model.name, cfg.model.allow_pickle), reward_funcs=[reward], args=args,
         train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config(cfg.peft, "CAUSAL_LM") if cfg.peft is not None else None,
-        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl")],
     )
     metrics = training.fit(trainer, cfg, checkpoint, supervised=False)
     history = [entry for entry in trainer.state.log_history if "reward" in entry]

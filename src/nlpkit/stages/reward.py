@@ -45,7 +45,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     else:
         report.print_parameters(model)
     bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
-    kwargs = cfg.train.trainer_kwargs(output_dir, bf16=bf16, has_eval=False)
+    kwargs = training.trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=False)
     if kwargs["train_sampling_strategy"] == "group_by_length":
         # Length grouping reads an input_ids column; preference rows hold chosen_ids and rejected_ids instead.
         kwargs["train_sampling_strategy"] = "random"
@@ -54,7 +54,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=datasets.Dataset.from_dict(pair_ids(tokenizer, train_pairs,
                                                                               cfg.data.max_length)),
-                            callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl")])
+                            callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl")])
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_pairs": len(trainer.train_dataset)}
     if eval_pairs is not None:
         metrics |= pair_metrics(trainer.model, tokenizer, eval_pairs, cfg.data.max_length,

@@ -54,7 +54,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     trainer = SFTTrainer(
         model=model, args=args,
         train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        callbacks=[report.jsonl_log_callback(output_dir / "train_log.jsonl"), report.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
     )
     check_trained_tokens(trainer.train_dataset, len(train_set), train_rows.name, cfg.data.max_length)
 

@@ -61,8 +61,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("1b", "smollm2")
 MODES = ("full", "lora")
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=False)
+LLAMA_1B = {"vocab_size": 32000, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 8192, "tie_word_embeddings": False}
 PEAK_BF16 = [  # (substring of the device name, dense bf16 FLOP/s); the first match wins
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("T4", 65e12),
@@ -100,7 +100,7 @@ def worker(spec: dict, log: Path, timeout: int) -> dict:
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
         stderr = e.stderr or ""
         log.write_text(stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr)

@@ -16,7 +16,7 @@ freeze = $(1)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+[[
 # The offline data mirror: in this repository's checks, ../shared/data beside the clone.
 export NLPKIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-slow test-latest lock lock-check bench clean chromium
+.PHONY: install demo test test-slow test-latest lock lock-check bench gpu-check clean chromium
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,27 @@ test-latest:
 bench: install
 	$(BIN)/python benchmarks/classify_padding.py
 	$(BIN)/python benchmarks/sft_vs_trl.py
+
+# The GPU check suite (tests marked gpu, tests/test_gpu.py): every command end to end on CUDA, sized for 6 minutes on
+# one H100/H200. The full pytest log goes to runs/gpu-check.log; the screen gets one line per test (skips with their
+# reason), the figures the tests noted, and a last line. On a CPU machine every test skips and this exits 0.
+# GPU_PYTHON=python3 uses that interpreter instead of .venv (a GPU image with the packages preinstalled or carried as
+# wheels, no registry: docs/gpu.md).
+GPU_PYTHON ?=
+# Skips with the same reason (no CUDA: all of them) on one line, not one line per test.
+GPU_SKIPS_ONCE = /^SKIPPED \[/ { n = $$2; gsub(/[][]/, "", n); r = $$0; sub(/^SKIPPED \[[0-9]+\] [^:]+:[0-9]+: /, "", r); \
+	if (!(r in c)) o[++k] = r; c[r] += n; next } { print } \
+	END { for (i = 1; i <= k; i++) print "SKIPPED [" c[o[i]] "] tests/test_gpu.py: " o[i] }
+gpu-check: $(if $(GPU_PYTHON),,install)
+	@mkdir -p runs; rm -f runs/gpu-check-notes.txt
+	@echo "gpu-check: pytest -m gpu tests/test_gpu.py (full log: runs/gpu-check.log)"
+	@PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} GPU_CHECK_NOTES=runs/gpu-check-notes.txt \
+		$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -m gpu -q -rA --tb=short --show-capture=no -p no:cacheprovider \
+		tests/test_gpu.py > runs/gpu-check.log 2>&1; rc=$$?; \
+	sed -n '/short test summary info/,$$p' runs/gpu-check.log | sed '1d;$$d' | awk '$(GPU_SKIPS_ONCE)'; \
+	if [ -s runs/gpu-check-notes.txt ]; then echo "figures:"; sed 's/^/  /' runs/gpu-check-notes.txt; fi; \
+	echo "gpu-check: $$(tail -n 1 runs/gpu-check.log | tr -d '=' | sed 's/^ *//;s/ *$$//'); $$([ $$rc = 0 ] && echo OK || echo "FAILED (exit $$rc): tracebacks in runs/gpu-check.log")"; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest runs

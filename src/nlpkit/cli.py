@@ -20,22 +20,21 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from nlpkit.errors import NlpkitError
+from nlpkit.report import print_metrics, print_tree
+from nlpkit.runs import claim_output_dir
 
 app = typer.Typer(
     name="nlpkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Fine-tune Hugging Face models from YAML recipes: classification, adapters, quantization, instruction SFT, reward models and RLHF (PPO).",
 )
 
-STAGES = {  # stage key in a recipe -> module with run(cfg, output_dir, resume), MODEL_CLASS and SAMPLE_TEXTS
+STAGES = {  # a recipe's stage (rlhf: with its algo) -> the module whose run(cfg, output_dir, resume) trains it
     "classify": "nlpkit.stages.classify",
     "sft": "nlpkit.stages.sft",
     "reward": "nlpkit.stages.reward",
-    "rlhf": "nlpkit.stages.ppo",  # algo: ppo, the default; every rlhf run's policy is a causal LM
-}
-RLHF_ALGOS = {  # a stage: rlhf recipe's algo -> the module whose run() trains it
-    "ppo": "nlpkit.stages.ppo",
-    "grpo": "nlpkit.stages.grpo",
-    "rloo": "nlpkit.stages.grpo",
+    "rlhf/ppo": "nlpkit.stages.ppo",  # nlpkit's own loop
+    "rlhf/grpo": "nlpkit.stages.grpo",  # trl's GRPOTrainer and RLOOTrainer, with nlpkit's scoring
+    "rlhf/rloo": "nlpkit.stages.grpo",
 }
 
 # A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.
@@ -148,15 +147,10 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
         processes = 1 if num_processes is None else num_processes
 
         def check_then_claim():  # bad input answers here, once, before any process starts
-            if distributed is not None and distributed not in launcher.DISTRIBUTED:
-                raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(launcher.DISTRIBUTED)}")
             launcher.check(processes, distributed)
-            cfg = load()
-            cfg.train.per_device_batch(processes)
-            if cfg.stage == "rlhf" and cfg.algo == "ppo" and cfg.ppo is not None:
-                cfg.ppo.episodes_per_process(processes, cfg.train.gradient_accumulation_steps)
+            launcher.check_split(load(), processes)
             if not resume:
-                _claim_output_dir(out)
+                claim_output_dir(out)
             return {}
 
         _execute(check_then_claim, as_json=False)
@@ -169,8 +163,8 @@ def _train(command: str, recipe: Path, overrides: list[str], output_dir: Path | 
 
         cfg = load()
         if not resume and is_main_process():  # launched processes: the launcher claimed it already
-            _claim_output_dir(out)
-        stage = importlib.import_module(RLHF_ALGOS[cfg.algo] if cfg.stage == "rlhf" else STAGES[cfg.stage])
+            claim_output_dir(out)
+        stage = importlib.import_module(STAGES[f"rlhf/{cfg.algo}" if cfg.stage == "rlhf" else cfg.stage])
         metrics = stage.run(cfg, out, resume=resume)
         launcher.finish()
         return {"output_dir": str(out), **metrics}
@@ -198,7 +192,7 @@ def eval_(
 
         return evaluate(run_dir, data, text_column, text_pair_column, label_column)
 
-    _execute(work, as_json, show=_show_metrics)
+    _execute(work, as_json, show=print_metrics)
 
 
 @app.command()
@@ -217,10 +211,10 @@ def quantize(
         from nlpkit import quantize as quantize_module
 
         if output_dir is not None:
-            _claim_output_dir(output_dir)
+            claim_output_dir(output_dir)
         return quantize_module.run(model, bits, quant_type, eval_data, output_dir)
 
-    _execute(work, as_json, show=_show_metrics)
+    _execute(work, as_json, show=print_metrics)
 
 
 @app.command()
@@ -237,10 +231,10 @@ def merge(
 
         run = runs.open_run(run_dir)
         out = output_dir or run_dir.with_name(run_dir.name + "-merged")
-        _claim_output_dir(out)
+        claim_output_dir(out)
         return merge_run(run, out)
 
-    _execute(work, as_json, show=_show_metrics)
+    _execute(work, as_json, show=print_metrics)
 
 
 @app.command()
@@ -253,15 +247,9 @@ def chat(
     """Talk to a causal LM with its own chat template; answers stream to stdout and stop at EOS."""
 
     def work():
-        from nlpkit.runs import load_causal_lm
+        from nlpkit.chat import converse
 
-        lm, tokenizer = load_causal_lm(model)
-        history = []
-        while question := (prompt if prompt is not None else _read_turn()):
-            history.append({"role": "user", "content": question})
-            history.append({"role": "assistant", "content": _stream_answer(lm, tokenizer, history, max_new_tokens)})
-            if prompt is not None:
-                break
+        converse(model, prompt, max_new_tokens)
         return {}
 
     _execute(work, as_json=False, stdout_is_result=False)
@@ -306,28 +294,14 @@ def embed(
     """Sentence similarity and word analogies with an encoder's mean-pooled embeddings (the embeddings lab)."""
 
     def work():
-        from nlpkit import embed as embedding
+        from nlpkit.embed import run
 
-        given = texts or []
-        if similar == analogy:
-            raise NlpkitError("nlpkit embed: choose one of --similar TEXT TEXT... or --analogy A B C")
-        if analogy and len(given) != 3:
-            raise NlpkitError(f"--analogy: takes three words A B C for A - B + C (got {len(given)}), e.g. "
-                              "--analogy king man woman")
-        encoder, tokenizer = embedding.load_encoder(model)
-        if similar:
-            return embedding.similar(encoder, tokenizer, given)
-        return embedding.analogy(encoder, tokenizer, *given, top_k=top_k)
+        return run(model, texts or [], similar, analogy, top_k)
 
     def show(result):
-        if "ranked" in result:
-            print(f"most similar to: {result['query']}")
-            for row in result["ranked"]:
-                print(f"  {row['cosine']:+.3f}  {row['text']}")
-        else:
-            print(f"{result['analogy']} ~ (of {result['vocabulary_size']:,} whole-word tokens)")
-            for row in result["candidates"]:
-                print(f"  {row['cosine']:.3f}  {row['word']}")
+        from nlpkit.embed import print_result
+
+        print_result(result)
 
     _execute(work, as_json, show=show)
 
@@ -350,9 +324,6 @@ def data_check(
         from nlpkit.data import mirror_dir
         from nlpkit.data.check import data_check as check
 
-        allowed = ("auto", "alpaca", "messages", "prompt_completion", "text")
-        if format not in allowed:
-            raise NlpkitError(f"--format {format!r}: use one of {', '.join(allowed)}")
         mirror = mirror_dir(None)
         return check(source, format, model, max_length, str(mirror) if mirror else None)
 
@@ -360,7 +331,7 @@ def data_check(
         from nlpkit import report
 
         report.info(result.pop("example"))
-        _show_tree(result)
+        print_tree(result)
 
     _execute(work, as_json, show=show)
 
@@ -387,7 +358,12 @@ def plan(
         cfg = load_recipe(recipe, _flag_overrides(lora, bits) + (overrides or []))
         return planning.plan(cfg, num_processes=num_processes, memory_mb=budget)
 
-    _execute(work, as_json, show=_show_plan)
+    def show(result):
+        from nlpkit.plan import print_plan
+
+        print_plan(result)
+
+    _execute(work, as_json, show=show)
 
 
 @app.command()
@@ -395,14 +371,9 @@ def recipes(as_json: JsonOpt = False):
     """List the shipped recipes with what each trains."""
 
     def work():
-        from nlpkit.recipes import recipes_dir
+        from nlpkit.recipes import shipped
 
-        folder = recipes_dir()
-        listed = {}
-        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
-            first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
-            listed[str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)] = first[1:].strip()
-        return {"recipes": listed}
+        return {"recipes": shipped()}
 
     _execute(work, as_json, show=lambda r: [print(f"{k:40s} {v}") for k, v in r["recipes"].items()])
 
@@ -412,30 +383,11 @@ def env(as_json: JsonOpt = False):
     """Versions, device, embedded models present, data mirror."""
 
     def work():
-        import os
+        from nlpkit.report import environment
 
-        from nlpkit import report
-        from nlpkit.models import EMBEDDED, bf16_is_fast, cache_dir
-        from nlpkit.data import mirror_dir
+        return environment()
 
-        embedded = {}
-        for alias, entry in EMBEDDED.items():
-            found = importlib.util.find_spec(entry.package)
-            embedded[alias] = "installed" if found else f"missing: pip install --no-deps {entry.pip_name}"
-        mirror = mirror_dir(None)
-        return {
-            "versions": report.versions(),
-            "python": sys.version.split()[0],
-            "device": report.device_description(),
-            "bf16_fast": bf16_is_fast(),
-            "embedded_models": embedded,
-            "data_mirror": f"{mirror} ({'found' if mirror.is_dir() else 'missing'})" if mirror else
-            "not set (NLPKIT_DATA_DIR)",
-            "cache_dir": str(cache_dir()),
-            "hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
-        }
-
-    _execute(work, as_json, show=_show_tree)
+    _execute(work, as_json, show=print_tree)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -444,73 +396,3 @@ def env(as_json: JsonOpt = False):
 def _flag_overrides(lora: bool, bits: int | None) -> list[str]:
     """--lora and --bits are sugar for the overrides they stand for (finetune and plan)."""
     return (["peft.method=lora"] if lora else []) + ([f"quant.bits={bits}"] if bits is not None else [])
-
-
-def _read_turn() -> str:
-    try:
-        return input("you> ").strip()
-    except EOFError:
-        return ""
-
-
-def _stream_answer(model, tokenizer, history: list[dict], max_new_tokens: int) -> str:
-    """Generate greedily, printing tokens to stdout as they come; EOS ends the answer."""
-    import torch
-    from transformers import TextStreamer
-
-    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True).to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def _claim_output_dir(out: Path) -> None:
-    """Never train over an earlier run: its model and metrics would be lost."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir, delete it, or add "
-                          "--resume to continue its run")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _show_plan(result: dict) -> None:
-    import yaml
-
-    from nlpkit import report
-
-    report.info(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
-    params, batch, memory = result["parameters"], result["batch"], result["memory_mb"]
-    report.info(f"parameters: {params['trainable']:,} trainable of {params['total']:,} ({params['trainable_percent']}%)")
-    report.info(f"batch: {batch['per_device']} per device x {batch['num_processes']} process(es) x "
-                f"{batch['gradient_accumulation_steps']} accumulation = {batch['global']} global")
-    report.info(f"precision: {result['precision']}; train rows: {result['data']['train_rows']:,}")
-    per = " per process" if batch["num_processes"] > 1 else ""
-    report.info(f"estimated peak memory{per}: {memory['total']:,.0f} MB")
-    for key, value in memory.items():
-        if key != "total" and value:
-            report.info(f"  {key:16s} {value:9,.0f} MB")
-    if "fits" in result:
-        report.info(f"budget {result['budget_mb']:,.0f} MB: {'fits' if result['fits'] else 'does NOT fit'}")
-    for s in result.get("suggestions", []):
-        report.info(f"  try {s['override']:60s} ~{s['estimate_mb']:,.0f} MB{' (fits)' if s['fits'] else ''}: {s['why']}")
-
-
-def _show_metrics(result: dict) -> None:
-    from nlpkit import report
-
-    for key, value in result.items():
-        if isinstance(value, float):
-            report.info(f"{key:32s} {value:.4f}")
-        elif isinstance(value, (int, str)) and key != "output_dir":
-            report.info(f"{key:32s} {value}")
-
-
-def _show_tree(result: dict, indent: str = "") -> None:
-    for key, value in result.items():
-        if isinstance(value, dict):
-            print(f"{indent}{key}:")
-            _show_tree(value, indent + "  ")
-        else:
-            print(f"{indent}{key}: {value}")

@@ -87,12 +87,27 @@ def average_gradients(params, all_sum, world: int) -> None:
 
 
 def check(num_processes: int, distributed: str | None) -> None:
+    """--num-processes and --distributed, before any process starts."""
+    import torch
+
+    if distributed is not None and distributed not in DISTRIBUTED:
+        raise NlpkitError(f"--distributed {distributed}: choose one of {', '.join(DISTRIBUTED)}")
+    if distributed in ("zero2", "zero3") and not torch.cuda.is_available():
+        raise NlpkitError(f"--distributed {distributed}: DeepSpeed ZeRO needs CUDA GPUs and this machine has none; "
+                          "use --distributed ddp (or fsdp) here, or run on a GPU machine")
     if num_processes < 1:
         raise NlpkitError(f"--num-processes {num_processes}: must be 1 or more (one process per GPU; on a CPU, "
                           "processes share its cores)")
     if distributed in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
         raise NlpkitError(f"--distributed {distributed}: needs DeepSpeed, which is not installed; "
                           "pip install 'nlpkit[deepspeed]' (on a machine with CUDA)")
+
+
+def check_split(cfg, processes: int) -> None:
+    """The recipe's batches must split evenly over the processes (NlpkitError naming the key otherwise)."""
+    cfg.train.per_device_batch(processes)
+    if cfg.stage == "rlhf" and cfg.algo == "ppo" and cfg.ppo is not None:
+        cfg.ppo.episodes_per_process(processes, cfg.train.gradient_accumulation_steps)
 
 
 def relaunch(argv: list[str], num_processes: int, distributed: str | None) -> int:

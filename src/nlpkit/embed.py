@@ -19,6 +19,20 @@ from nlpkit.models import cache_dir, resolve_model
 SPECIAL_PREFIXES = ("Ġ", "▁")  # byte-level BPE and SentencePiece mark a word start; WordPiece marks the rest (##)
 
 
+def run(model_ref: str, texts: list[str], rank_similar: bool, solve_analogy: bool, top_k: int) -> dict:
+    """`nlpkit embed`: --similar TEXT TEXT... ranks texts 2..n by cosine to text 1; --analogy A B C lists the words
+    nearest A - B + C."""
+    if rank_similar == solve_analogy:
+        raise NlpkitError("nlpkit embed: choose one of --similar TEXT TEXT... or --analogy A B C")
+    if solve_analogy and len(texts) != 3:
+        raise NlpkitError(f"--analogy: takes three words A B C for A - B + C (got {len(texts)}), e.g. "
+                          "--analogy king man woman")
+    encoder, tokenizer = load_encoder(model_ref)
+    if rank_similar:
+        return similar(encoder, tokenizer, texts)
+    return analogy(encoder, tokenizer, *texts, top_k=top_k)
+
+
 def load_encoder(ref: str):
     """The bare encoder (any head dropped) and its tokenizer, from an alias, a model directory or a classify run."""
     from transformers import AutoModel
@@ -115,3 +129,15 @@ def vocabulary_embeddings(model, tokenizer, vocabulary: list[str]):
     torch.save(vectors, staging)
     staging.replace(path)  # a killed run never leaves a half-written cache file
     return vectors
+
+
+def print_result(result: dict) -> None:
+    """--similar's ranking or --analogy's candidates, one per line."""
+    if "ranked" in result:
+        print(f"most similar to: {result['query']}")
+        for row in result["ranked"]:
+            print(f"  {row['cosine']:+.3f}  {row['text']}")
+    else:
+        print(f"{result['analogy']} ~ (of {result['vocabulary_size']:,} whole-word tokens)")
+        for row in result["candidates"]:
+            print(f"  {row['cosine']:.3f}  {row['word']}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 
+from nlpkit import report
 from nlpkit.config import PROMPT_METHODS, Recipe
 from nlpkit.errors import NlpkitError
 from nlpkit.models import HEAD_MODULES, bf16_is_fast, resolve_model
@@ -361,3 +362,24 @@ def parse_memory(text: str) -> float:
         raise NlpkitError(f"--memory {text!r}: give a size such as 8GB, 1.5G or 900MB")
     value, unit = float(match.group(1)), match.group(2) or "mb"
     return value * 1024 if unit.startswith("g") else value
+
+
+def print_plan(result: dict) -> None:
+    """The plan as a person reads it, on stderr (--json prints the dict instead)."""
+    import yaml
+
+    report.info(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
+    params, batch, memory = result["parameters"], result["batch"], result["memory_mb"]
+    report.info(f"parameters: {params['trainable']:,} trainable of {params['total']:,} ({params['trainable_percent']}%)")
+    report.info(f"batch: {batch['per_device']} per device x {batch['num_processes']} process(es) x "
+                f"{batch['gradient_accumulation_steps']} accumulation = {batch['global']} global")
+    report.info(f"precision: {result['precision']}; train rows: {result['data']['train_rows']:,}")
+    per = " per process" if batch["num_processes"] > 1 else ""
+    report.info(f"estimated peak memory{per}: {memory['total']:,.0f} MB")
+    for key, value in memory.items():
+        if key != "total" and value:
+            report.info(f"  {key:16s} {value:9,.0f} MB")
+    if "fits" in result:
+        report.info(f"budget {result['budget_mb']:,.0f} MB: {'fits' if result['fits'] else 'does NOT fit'}")
+    for s in result.get("suggestions", []):
+        report.info(f"  try {s['override']:60s} ~{s['estimate_mb']:,.0f} MB{' (fits)' if s['fits'] else ''}: {s['why']}")

@@ -56,3 +56,12 @@ def apply_override(raw: dict, override: str) -> None:
 def recipes_dir() -> Path:
     """The shipped recipes/ folder of a source checkout (installs with `pip install -e .` keep it)."""
     return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def shipped() -> dict[str, str]:
+    """The shipped recipes: path (relative to the working directory where it can be) -> its first comment line."""
+    folder, listed = recipes_dir(), {}
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        listed[str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)] = first[1:].strip()
+    return listed

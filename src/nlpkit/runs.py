@@ -56,6 +56,14 @@ class Run:
         return getattr(transformers, AUTO_CLASSES[self.stage])
 
 
+def claim_output_dir(out: Path) -> None:
+    """Never train over an earlier run: its model and metrics would be lost."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NlpkitError(f"--output-dir {out}: already holds files; choose another --output-dir, delete it, or add "
+                          "--resume to continue its run")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def is_run(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

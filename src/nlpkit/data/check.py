@@ -20,6 +20,9 @@ from nlpkit.models import chat_tokenizer, load_tokenizer
 def data_check(source: str, fmt: str, model_ref: str, max_length: int, mirror: str | None = None) -> dict:
     """The dataset doctor: format, every row validated, one rendered example with the trained-on span marked,
     token lengths, and how many rows max_length would truncate or leave with nothing to train on."""
+    formats = ("auto", "alpaca", "messages", "prompt_completion", "text")
+    if fmt not in formats:
+        raise NlpkitError(f"--format {fmt!r}: use one of {', '.join(formats)}")
     rows = open_source(source, "train", "FILE_OR_NAME", mirror)
     fmt = detect_sft_format(rows, fmt)
     converted = [sft_example(row, fmt, rows, i) for i, row in enumerate(rows.rows)]  # raises at the first bad row

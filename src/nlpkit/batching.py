@@ -10,10 +10,22 @@ import asyncio
 import queue
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from nlpkit.serve import Served
+
+@dataclass
+class Served:
+    """A loaded model and what the endpoints need to know about it."""
+
+    name: str
+    task: Literal["chat", "classify"]
+    model: Any
+    tokenizer: Any
+    max_length: int  # classify: inputs are truncated to it; chat: the context window (prompt + answer)
+    labels: list[str] = field(default_factory=list)  # classify; empty for a regression head
+    problem_type: str = "single_label_classification"
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def classify_texts(served: Served, texts: list[str]) -> list[dict]:

@@ -87,14 +87,15 @@ ProcessesOpt = Annotated[Optional[int], typer.Option("--num-processes", help="Tr
 DistributedOpt = Annotated[Optional[str], typer.Option("--distributed", help="With --num-processes: ddp (default), "
                                                        "zero2, zero3 (DeepSpeed) or fsdp.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.max_steps=50")]
+LoraOpt = Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")]
+BitsOpt = Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")]
 
 
 @app.command()
 def finetune(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.max_steps=50")] = None,
-    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")] = False,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")] = None,
+    recipe: RecipeArg, overrides: OverridesArg = None, lora: LoraOpt = False, bits: BitsOpt = None,
     output_dir: OutputOpt = None,
     resume: ResumeOpt = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.pt weights (pickle can run code): "
@@ -338,10 +339,7 @@ def data_check(
 
 @app.command()
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, as for finetune.")] = None,
-    lora: Annotated[bool, typer.Option("--lora", help="As for finetune: peft.method=lora.")] = False,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="As for finetune: quant.bits=N.")] = None,
+    recipe: RecipeArg, overrides: OverridesArg = None, lora: LoraOpt = False, bits: BitsOpt = None,
     memory: Annotated[Optional[str], typer.Option("--memory", help="A budget (8GB, 900MB): suggestions when the "
                                                   "estimate is over it.")] = None,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes: global "

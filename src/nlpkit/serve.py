@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI
 from jinja2 import TemplateError
@@ -32,24 +30,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher
+from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher, Served
 from nlpkit.errors import NlpkitError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass
-class Served:
-    """A loaded model and what the endpoints need to know about it."""
-
-    name: str
-    task: Literal["chat", "classify"]
-    model: Any
-    tokenizer: Any
-    max_length: int  # classify: inputs are truncated to it; chat: the context window (prompt + answer)
-    labels: list[str] = field(default_factory=list)  # classify; empty for a regression head
-    problem_type: str = "single_label_classification"
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def load_served(ref: str) -> Served:

@@ -1,4 +1,4 @@
-"""nlpkit's PPO against trl 1.12's experimental PPOTrainer on PPO.md's offline toy: episodes/s, peak RSS, final score.
+"""nlpkit's PPO against trl 1.12's experimental PPOTrainer on the offline toy of docs/ppo-checklist.md: episodes/s, peak RSS, final score.
 
     python benchmarks/ppo_vs_trl.py [--updates 30] [--seeds 1] [--workdir /tmp/ppo-bench]
     python benchmarks/ppo_vs_trl.py --reward-model runs/reward-hh [--updates 5]    # SmolLM2-135M + LoRA instead
@@ -43,7 +43,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 run = json.loads(sys.argv[1])
 torch.manual_seed(run["seed"])
 tokenizer = AutoTokenizer.from_pretrained(run["policy"], padding_side="left")
-tokenizer.pad_token = run["pad_token"]  # the one nlpkit picks: never the EOS (PPO.md item 1)
+tokenizer.pad_token = run["pad_token"]  # the one nlpkit picks: never the EOS (docs/ppo-checklist.md item 1)
 prompts = [json.loads(line)["prompt"] for line in open(run["prompts"])]
 if tokenizer.chat_template:  # as nlpkit presents prompts to a chat model
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -126,7 +126,7 @@ def main():
 
 
 def toy_setting(work: Path, env: dict, updates: int) -> dict:
-    """PPO.md's offline toy (the one tests/test_rlhf.py trains): a 2-layer policy and a reward model for positive
+    """the offline toy of docs/ppo-checklist.md (the one tests/test_rlhf.py trains): a 2-layer policy and a reward model for positive
     words, trained once with `nlpkit finetune` (stage: reward); full weights on both sides."""
     import conftest
 

@@ -93,7 +93,7 @@ def shared_data() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the RLHF toy
-# PPO.md's offline toy: a word-level vocabulary, a tiny random Llama, and preferences for "positive" words.
+# the offline toy of docs/ppo-checklist.md: a word-level vocabulary, a tiny random Llama, and preferences for "positive" words.
 POSITIVE = ["good", "great", "happy", "love", "nice", "wonderful", "excellent", "fine", "best", "joy"]
 NEUTRAL = ["the", "a", "cat", "dog", "runs", "sits", "table", "house", "tree", "car", "blue", "red", "green", "walks",
            "eats", "sees", "today", "then", "and", "with", "on", "under", "big", "small", "old", "new", "bird", "fish",
@@ -104,7 +104,7 @@ TOY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # 4 + 10 + 33 = 47 words; p
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Matrices of a 64-wide model are too small to split across threads: one thread is faster, and on shared cores
-    it avoids the oversubscription STACK.md measured. Restored after the module."""
+    it avoids the oversubscription docs/stack-notes.md describes. Restored after the module."""
     import torch
 
     threads = torch.get_num_threads()

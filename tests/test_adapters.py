@@ -130,7 +130,7 @@ def lora_grads(model, batch) -> dict:
 
 
 def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_bert):
-    """STACK.md trap 2: on avx512_bf16 CPUs an eval pass repacks 4-bit weights and later LoRA grads go wrong."""
+    """docs/stack-notes.md trap 2: on avx512_bf16 CPUs an eval pass repacks 4-bit weights and later LoRA grads go wrong."""
     from transformers import AutoModelForSequenceClassification as Auto
 
     from nlpkit.config import ModelSection

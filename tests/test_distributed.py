@@ -1,6 +1,6 @@
 """Two processes through accelerate (gloo on CPU) train exactly like one process with the same global batch.
 
-STACK.md traps 4 and 5: `accelerate launch --cpu` would silently run one process (the presets use MULTI_GPU, which
+docs/stack-notes.md traps 4 and 5: `accelerate launch --cpu` would silently run one process (the presets use MULTI_GPU, which
 is gloo on a CPU), and Trainer doubles sequence-classification loss under DDP unless told not to average tokens.
 """
 

@@ -1,4 +1,4 @@
-"""The PPO math, one test per checkable item of ../shared/PPO.md (item numbers in brackets).
+"""The PPO math, one test per checkable item of docs/ppo-checklist.md (item numbers in brackets).
 
 Pure functions on hand-made tensors here; the items that need a model (ratio = 1 at the first minibatch, reference
 unchanged, KL = 0 at step 0 with LoRA, dropout off) run the real loop in tests/test_rlhf.py.

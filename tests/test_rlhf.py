@@ -1,4 +1,4 @@
-"""nlpkit's PPO on PPO.md's offline toy: a tiny policy learns to say "positive" words for a reward model trained on
+"""nlpkit's PPO on the offline toy of docs/ppo-checklist.md: a tiny policy learns to say "positive" words for a reward model trained on
 synthetic preferences. Plus the checklist items that need a model (numbers in brackets)."""
 
 import json
@@ -61,7 +61,7 @@ def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, t
     log = read_log(run)
     assert len(log) == 30 and log[-1]["episode"] == 480  # [23] ceil(480 / 16) updates
     scores = [entry["objective/scores"] for entry in log]
-    assert sum(scores[-5:]) / 5 >= sum(scores[:5]) / 5 + 1.0, scores  # PPO.md's suggested CI assertion
+    assert sum(scores[-5:]) / 5 >= sum(scores[:5]) / 5 + 1.0, scores  # docs/ppo-checklist.md's suggested CI assertion
     assert log[-1]["objective/kl"] > 0
     # [22] the learning rate decays linearly, one step per update
     assert [entry["lr"] for entry in log] == pytest.approx([3e-4 * (1 - k / 30) for k in range(1, 31)])

@@ -39,7 +39,7 @@ class DataSection(Section):
     max_length: int = Field(128, gt=0)  # tokens; longer inputs are truncated
     max_train_samples: int | None = Field(None, gt=0)  # seeded random subset, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)
-    # sft: how rows become conversations; auto detects from the columns (DESIGN.md section 5).
+    # sft: how rows become conversations; auto detects from the columns (docs/sft.md).
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
     chat_template: str | None = None  # sft: a Jinja chat template (or a file holding one); default: the model's
 
@@ -160,7 +160,7 @@ class RewardSection(Section):
 
 
 class PPOSection(Section):
-    # Names copy trl's PPOConfig (trl <= 1.12); defaults as PPO.md gives them unless a comment says why.
+    # Names copy trl's PPOConfig (trl <= 1.12); defaults as docs/ppo-checklist.md gives them unless a comment says why.
     total_episodes: int = Field(512, gt=0)  # prompts sampled in all; updates = ceil(total_episodes / batch_size)
     batch_size: int = Field(16, gt=0)  # episodes per rollout (one update)
     num_mini_batches: int = Field(2, gt=0)  # optimiser steps per PPO epoch; must divide batch_size

@@ -63,7 +63,7 @@ def classifier_arguments(cfg, output_dir: Path, *, bf16: bool, has_eval: bool):
     from transformers import TrainingArguments
 
     # Sequence-classification loss ignores num_items_in_batch: averaging tokens across devices would multiply
-    # loss and gradients by the world size under DDP (STACK.md trap 5).
+    # loss and gradients by the world size under DDP (docs/stack-notes.md trap 5).
     return TrainingArguments(**trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=has_eval),
                              average_tokens_across_devices=False)
 

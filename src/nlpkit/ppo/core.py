@@ -1,4 +1,4 @@
-"""The PPO math for language models, as small pure functions on tensors (PPO.md items in brackets).
+"""The PPO math for language models, as small pure functions on tensors (docs/ppo-checklist.md items in brackets).
 
 Shapes: B episodes, T response tokens. `ends[i]` is the index (in the response) of the last valid token of episode i:
 its first stop token (EOS) when it has one, else the last generated token. Everything after `ends[i]` is padding.

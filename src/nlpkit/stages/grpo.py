@@ -3,7 +3,7 @@
     nlpkit rlhf recipes/rlhf-gsm8k-grpo.yaml
 
 The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
-reward function, which avoids trl's traps on this stack (PPO.md, "What we saw"): the reward model is never given to
+reward function, which avoids trl's traps on this stack (docs/stack-notes.md trap 7): the reward model is never given to
 trl, so no hub lookup for its tokenizer, and every completion is scored with the EOS RewardTrainer trained with
 appended (trl decodes completions without it), a completion cut at max_completion_length too: unlike our PPO there
 is no missing-EOS penalty. beta > 0 keeps a KL to the reference; the policy is loaded from its path (a

@@ -111,13 +111,15 @@ def merge_run(run: runs.Run, output_dir: Path) -> dict:
     inputs = tokenizer(MERGE_CHECK_TEXTS[run.stage], padding=True, truncation=True, max_length=128,
                        return_tensors="pt")
     with torch.inference_mode():
-        adapter_logits = runs.load_model(run)(**inputs).logits.float()
+        adapter = runs.load_model(run)
+        adapter_logits = adapter(**inputs.to(adapter.device)).logits.float().cpu()
+        del adapter
         merged = runs.load_model(run, dequantize=True).merge_and_unload()
-        merged_logits = merged(**inputs).logits.float()
+        merged_logits = merged(**inputs.to(merged.device)).logits.float().cpu()
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        reloaded = run.auto_class.from_pretrained(output_dir, use_safetensors=True).eval()
-        reloaded_logits = reloaded(**inputs).logits.float()
+        reloaded = run.auto_class.from_pretrained(output_dir, use_safetensors=True).eval()  # on the CPU
+        reloaded_logits = reloaded(**inputs.to("cpu")).logits.float()
     # The merged folder is a plain run of the same task: `nlpkit eval` and `quantize` take it like any other.
     manifest = {**run.manifest, "config": run.manifest["config"] | {"peft": None, "quant": None},
                 "merged_from": str(run.path)}

@@ -25,6 +25,13 @@ class ModelSection(Section):
     revision: str | None = None  # hub revision; ignored for local directories and aliases
     trust_remote_code: bool = False  # runs Python shipped with the model: only for models you trust
     allow_pickle: bool = False  # .bin/.pt weights can run code when loaded; safetensors only by default
+    # Weights' dtype. auto: fp32 on the CPU (bf16 autocast does the fast part there); on a GPU, frozen weights (an
+    # adapter's base, reference and reward models) in bf16 (fp16 where the GPU has none) and trained weights in fp32
+    # under mixed-precision autocast. bfloat16 trains in pure bf16; float16 only for frozen bases (with an adapter).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # auto: transformers' choice (sdpa where the model has it); flash_attention_2 needs a GPU and `pip install
+    # flash-attn`.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
 class DataSection(Section):
@@ -261,6 +268,9 @@ def check_recipe(cfg: Recipe) -> list[str]:
         problems.append("train.save_steps: required when train.save_strategy is 'steps' (e.g. train.save_steps=500)")
     if cfg.data.problem_type == "regression" and cfg.data.label_names:
         problems.append("data.label_names: a regression target has no label names; remove it or change data.problem_type")
+    if cfg.model.dtype == "float16" and cfg.peft is None:
+        problems.append("model.dtype: float16 weights cannot be trained directly (fp16 gradients underflow and the "
+                        "loss scaler refuses them); use bfloat16 or auto, or train an adapter (--lora)")
     if cfg.quant is not None and cfg.peft is None:
         problems.append("quant: quantized weights cannot be trained directly; add an adapter (a peft: section, or "
                         "--lora) for QLoRA, or remove quant")

@@ -79,6 +79,14 @@ def process_device():
     return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
 
 
+def place(model):
+    """An inference model on this process's device. A quantized model stays where bitsandbytes put it (its
+    device_map already names this process's GPU)."""
+    if getattr(model, "hf_device_map", None) and getattr(model, "is_quantized", False):
+        return model
+    return model.to(process_device())  # looked up at call time: tests move every model to another device
+
+
 def average_gradients(params, all_sum, world: int) -> None:
     """What DDP does after backward, for a loop without DDP: every process steps with the mean gradient."""
     for param in params:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nlpkit.distributed import place
 from nlpkit.errors import NlpkitError
 from nlpkit.models import cache_dir, resolve_model
 
@@ -41,7 +42,7 @@ def load_encoder(ref: str):
     from nlpkit.models import load_model, load_tokenizer
 
     model_cfg = ModelSection(name=ref)
-    model = load_model(AutoModel, model_cfg).eval()
+    model = place(load_model(AutoModel, model_cfg, frozen=True)).eval()
     model.nlpkit_source = resolve_model(ref)  # where the weights came from: the key of the vocabulary cache
     return model, load_tokenizer(model_cfg)
 
@@ -54,11 +55,11 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 256, max_length:
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
+                              return_tensors="pt").to(model.device)
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # padding takes no part in the mean
-            rows.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+            rows.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
     return torch.cat(rows)
 
 

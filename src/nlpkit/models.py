@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlpkit import distributed
 from nlpkit.errors import NlpkitError
 
 
@@ -136,15 +137,51 @@ def _did_you_mean(ref: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def load_model(auto_class, model_cfg, quant=None, keep_modules=None, **kwargs):
-    """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set;
-    quantized with bitsandbytes when a quant section is given (except `keep_modules`, see quantization_config)."""
+def load_model(auto_class, model_cfg, quant=None, keep_modules=None, frozen: bool = False, **kwargs):
+    """`auto_class.from_pretrained` on `model_cfg.name`, safetensors only unless `model.allow_pickle` is set, in the
+    dtype `weights_dtype` picks (`frozen`: no weight of the base is trained), with the attention `model_cfg` names;
+    quantized with bitsandbytes when a quant section is given (except `keep_modules`, see quantization_config) and
+    then placed on this process's GPU, where there is one."""
+    device = distributed.process_device()
+    kwargs.setdefault("dtype", weights_dtype(model_cfg.dtype, frozen or quant is not None, device.type))
+    if model_cfg.attn_implementation != "auto":
+        kwargs["attn_implementation"] = attention(model_cfg.attn_implementation, device.type)
     if quant is not None:
         kwargs["quantization_config"] = quantization_config(quant, keep_modules)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device}
     model = _from_pretrained(auto_class, model_cfg, use_safetensors=None if model_cfg.allow_pickle else True, **kwargs)
     if quant is not None:
         keep_4bit_weights_unpacked(model, training=False)
     return model
+
+
+def weights_dtype(requested: str, frozen: bool, device_type: str):
+    """The dtype weights load in (model.dtype). auto: fp32 on the CPU, where fp32 weights under bf16 autocast train
+    fastest and fp16 is unusably slow; on a GPU, frozen weights in bf16 (fp16 where the GPU has no bf16), trained
+    weights in fp32 (mixed precision comes from autocast), as the usual GPU recipes do."""
+    import torch
+
+    if requested == "float16" and device_type == "cpu":
+        raise NlpkitError("model.dtype: float16 on the CPU runs at a tiny fraction of fp32's speed; use bfloat16 or "
+                          "auto (fp32 weights with bf16 autocast where the CPU has it)")
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device_type == "cuda" and frozen:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attention(requested: str, device_type: str) -> str:
+    """model.attn_implementation, checked where it can run."""
+    if requested == "flash_attention_2":
+        if device_type != "cuda":
+            raise NlpkitError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; use sdpa (or "
+                              "auto) here")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise NlpkitError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                              "not installed: pip install flash-attn --no-build-isolation (or use sdpa)")
+    return requested
 
 
 # Heads stay in full precision: they are small, trained in full (modules_to_save), and quantizing them costs accuracy.

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from nlpkit.config import ModelSection, QuantSection
 from nlpkit.data import open_source
+from nlpkit.distributed import place
 from nlpkit.errors import NlpkitError
 from nlpkit.models import load_model, load_tokenizer
 from nlpkit import runs
@@ -66,7 +67,8 @@ def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, outpu
         result["kept_bf16"] = keep
     for label, quantized in (("fp32", None), ("quantized", quant)):
         dtype = torch.bfloat16 if quantized is not None and quant.bits == 4 else torch.float32
-        model = load_model(AutoModelForCausalLM, model_cfg, quant=quantized, keep_modules=keep, dtype=dtype).eval()
+        model = place(load_model(AutoModelForCausalLM, model_cfg, quant=quantized, keep_modules=keep,
+                                 dtype=dtype)).eval()
         result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
         result[f"latency_ms_{label}"] = forward_latency_ms(model, probe)
         if quantized is not None:
@@ -153,6 +155,7 @@ def perplexity(model, tokenizer, texts: list[tuple[str, str]], response_only: bo
     with torch.inference_mode():
         for head, full in texts:
             ids = tokenizer(full, return_tensors="pt", truncation=True, max_length=EVAL_TOKENS).input_ids
+            ids = ids.to(model.device)
             labels = ids.clone()
             if response_only:
                 labels[:, : len(tokenizer(head)["input_ids"])] = -100
@@ -189,10 +192,14 @@ def forward_latency_ms(model, input_ids, attention_mask=None, repeats: int = 5) 
     import torch
 
     timings = []
+    input_ids = input_ids.to(model.device)
+    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
     with torch.inference_mode():
         for i in range(repeats + 1):
             start = time.perf_counter()
             model(input_ids=input_ids, attention_mask=attention_mask)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()  # kernels run asynchronously: time them to their end
             if i:
                 timings.append((time.perf_counter() - start) * 1000)
     return statistics.median(timings)

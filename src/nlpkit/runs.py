@@ -90,9 +90,11 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False):
     """The run's model in eval mode. An adapter run: its base (quantized as in training, or dequantized to fp32 with
     `dequantize`) with the adapter attached. A full fine-tune: the saved model, quantized on load with `quant`."""
     from nlpkit import models
+    from nlpkit.distributed import place
 
     if not run.has_adapter:
-        return models.load_model(run.auto_class, ModelSection(name=str(run.path)), quant=quant).eval()
+        return place(models.load_model(run.auto_class, ModelSection(name=str(run.path)), quant=quant,
+                                       frozen=True)).eval()
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, GenerationConfig
@@ -101,12 +103,14 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False):
     config = AutoConfig.from_pretrained(run.path)  # the run's labels and head size
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the recipe's quant section says how the base loads
-    base = models.load_model(run.auto_class, cfg.model, quant=cfg.quant, config=config)
+    # Merging (dequantize) folds the adapter into fp32 weights, so the merged model equals what was trained.
+    base = models.load_model(run.auto_class, cfg.model, quant=cfg.quant, frozen=True, config=config,
+                             **({"dtype": torch.float32} if dequantize else {}))
     if dequantize and cfg.quant is not None:
         base = base.dequantize(dtype=torch.float32)
     if (run.path / "generation_config.json").is_file():  # the run's generation settings, not the base model's
         base.generation_config = GenerationConfig.from_pretrained(run.path)
-    return PeftModel.from_pretrained(base, run.path).eval()
+    return place(PeftModel.from_pretrained(base, run.path)).eval()
 
 
 def load_tokenizer(run: Run):
@@ -129,4 +133,6 @@ def load_causal_lm(ref: str):
         return load_model(run), load_tokenizer(run)
     model_cfg = ModelSection(name=ref)
     tokenizer = models.chat_tokenizer(models.load_tokenizer(model_cfg), None)
-    return models.load_model(AutoModelForCausalLM, model_cfg).eval(), tokenizer
+    from nlpkit.distributed import place
+
+    return place(models.load_model(AutoModelForCausalLM, model_cfg, frozen=True)).eval(), tokenizer

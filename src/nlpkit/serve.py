@@ -51,10 +51,11 @@ def load_served(ref: str) -> Served:
         from transformers import AutoModelForSequenceClassification
 
         from nlpkit.config import ModelSection
+        from nlpkit.distributed import place
         from nlpkit.models import load_model, load_tokenizer
 
         model_cfg = ModelSection(name=ref)
-        model = load_model(AutoModelForSequenceClassification, model_cfg).eval()
+        model = place(load_model(AutoModelForSequenceClassification, model_cfg, frozen=True)).eval()
         tokenizer = load_tokenizer(model_cfg)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         problem = model.config.problem_type or "single_label_classification"

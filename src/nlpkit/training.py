@@ -37,23 +37,26 @@ def trainer_kwargs(train, output_dir: Path, *, bf16: bool, has_eval: bool) -> di
     """The train: section as TrainingArguments keywords (SFTConfig and friends take the same), for every stage."""
     import torch
 
-    copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_eval_batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps",
-              "lr_scheduler_type", "seed", "train_sampling_strategy", "logging_steps", "eval_steps",
-              "save_strategy", "save_steps")
+    copied = ("learning_rate", "num_train_epochs", "max_steps", "per_device_eval_batch_size",
+              "gradient_accumulation_steps", "weight_decay", "warmup_steps", "lr_scheduler_type", "seed",
+              "train_sampling_strategy", "logging_steps", "eval_steps", "save_strategy", "save_steps")
+    gpu = torch.cuda.is_available()
     return {
         "output_dir": str(output_dir / "checkpoints"),
         **{name: getattr(train, name) for name in copied},
         "per_device_train_batch_size": train.per_device_batch(world_size()),
         "bf16": bf16,
-        "use_cpu": not torch.cuda.is_available(),  # transformers refuses CPU bf16 autocast without it
+        # GPUs without bf16 (T4, V100): fp16 autocast, with Trainer's loss scaling.
+        "fp16": train.bf16 == "auto" and gpu and not torch.cuda.is_bf16_supported(),
+        "use_cpu": not gpu,  # transformers refuses CPU bf16 autocast without it
         "eval_strategy": train.eval_strategy if has_eval else "no",
         "report_to": "none",
         # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
         "save_total_limit": None,
-        "logging_nan_inf_filter": False,
+        "logging_nan_inf_filter": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
         # trl's configs turn activation checkpointing on: a second forward pass per step (about 30% of it) to
         # save memory models of this size rarely need. train.extra.gradient_checkpointing=true brings it back.
-        "gradient_checkpointing": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
+        "gradient_checkpointing": False,
         **train.extra,
     }
 

@@ -58,7 +58,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     eval_set = tokenize_classification(eval_columns, tokenizer, max_length) if eval_rows is not None else None
 
     names = {"id2label": dict(enumerate(labels.names)), "label2id": {n: i for i, n in enumerate(labels.names)}}
-    model = load_model(AutoModelForSequenceClassification, cfg.model, quant=cfg.quant, num_labels=labels.num_labels,
+    model = load_model(AutoModelForSequenceClassification, cfg.model, quant=cfg.quant, frozen=cfg.peft is not None,
+                       num_labels=labels.num_labels,
                        problem_type=labels.problem_type, **(names if labels.names else {}))
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft, task_type="SEQ_CLS")  # the classifier head trains in full and is saved

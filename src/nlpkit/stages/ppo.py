@@ -34,13 +34,7 @@ from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
 from nlpkit.distributed import average_gradients, process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
-from nlpkit.models import (
-    autocast,
-    bf16_is_fast,
-    distinct_pad,
-    load_model,
-    load_tokenizer,
-)
+from nlpkit.models import autocast, bf16_is_fast, distinct_pad, load_model, load_tokenizer, weights_dtype
 from nlpkit.ppo import core
 from nlpkit.ppo.checkpoint import load_checkpoint, save_checkpoint
 from nlpkit.ppo.rollout import decode_responses, encode_prompts, make_rollout, sample
@@ -196,10 +190,11 @@ def load_policy(cfg: Recipe, bf16: bool):
     if cfg.peft is None:
         policy = load_model(AutoModelForCausalLM, cfg.model)
         report.print_parameters(policy)
-        return policy, copy.deepcopy(policy).requires_grad_(False)  # [11] frozen
+        frozen = weights_dtype(cfg.model.dtype, True, process_device().type)  # bf16 on a GPU, fp32 on the CPU
+        return policy, copy.deepcopy(policy).requires_grad_(False).to(frozen)  # [11] frozen
     # A frozen base is held in bf16 when autocast runs in bf16: every matmul would cast it anyway, and keep the
     # cast copy for the backward pass. Half the weight memory, and no copies; the adapter trains in fp32.
-    policy = load_model(AutoModelForCausalLM, cfg.model, **({"dtype": torch.bfloat16} if bf16 else {}))
+    policy = load_model(AutoModelForCausalLM, cfg.model, frozen=True, **({"dtype": torch.bfloat16} if bf16 else {}))
     policy = apply_peft(policy, cfg.peft, task_type="CAUSAL_LM")  # LoRA B = 0: the policy starts at the reference
     trainable_in_fp32(policy)
     return policy, None

@@ -38,7 +38,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     eval_pairs = subsample(preference_columns(eval_rows), cfg.data.max_eval_samples, cfg.train.seed) if eval_rows \
         else None
 
-    model = load_model(AutoModelForSequenceClassification, cfg.model, num_labels=1,
+    model = load_model(AutoModelForSequenceClassification, cfg.model, frozen=cfg.peft is not None, num_labels=1,
                        pad_token_id=tokenizer.pad_token_id)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft, task_type="SEQ_CLS")  # the score head trains in full and is saved

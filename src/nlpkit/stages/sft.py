@@ -40,7 +40,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     eval_rows = open_source(eval_spec, "test", "data.eval", cfg.data.mirror) if eval_spec else None
     eval_set = sft_dataset(eval_rows, fmt, cfg.data.max_eval_samples, cfg.train.seed) if eval_rows else None
 
-    model = load_model(AutoModelForCausalLM, cfg.model, quant=cfg.quant)
+    model = load_model(AutoModelForCausalLM, cfg.model, quant=cfg.quant, frozen=cfg.peft is not None)
     model.generation_config.no_repeat_ngram_size = cfg.generation.no_repeat_ngram_size  # saved with the run
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft, task_type="CAUSAL_LM")

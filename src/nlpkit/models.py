@@ -271,9 +271,13 @@ def distinct_pad(tokenizer, key: str, fix: bool = True):
 
 def autocast(bf16: bool, device):
     """bf16 autocast on the device the model runs on (a torch.device or its name); a no-op when bf16 is off."""
+    import contextlib
+
     import torch
 
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def bf16_is_fast() -> bool:

@@ -82,11 +82,12 @@ def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[floa
     from nlpkit.ppo.core import per_token_scores, scores_at
 
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(row) for row in ids], device=device)
-    batch = torch.full((len(ids), int(lengths.max())), pad_id, device=device)
+    lengths = torch.tensor([len(row) for row in ids])
+    batch = torch.full((len(ids), int(lengths.max())), pad_id)
     for i, row in enumerate(ids):
         batch[i, :len(row)] = torch.tensor(row)
-    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
+    mask = torch.arange(batch.shape[1])[None, :] < lengths[:, None]
+    batch, mask, lengths = batch.to(device), mask.to(device), lengths.to(device)  # one copy to the model's device
     with torch.inference_mode(), autocast(bf16, device):
         per_token = per_token_scores(model, batch.masked_fill(~mask, 0), mask.long())
     return scores_at(per_token, lengths - 1).tolist()

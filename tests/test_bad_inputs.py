@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import FIXTURES
@@ -162,9 +163,23 @@ CASES = {
         lambda t, m: ["eval", str(m), "--data", str(t / "gone.jsonl")], "gone.jsonl': no such file or folder"),
     "zero processes": (
         lambda t, m: ["finetune", recipe(t, m), "--num-processes", "0"], "--num-processes 0: must be 1 or more"),
-    "deepspeed zero3 without CUDA": (  # (with CUDA and no deepspeed: "needs DeepSpeed ... nlpkit[deepspeed]")
+    "deepspeed zero3": (
         lambda t, m: ["finetune", recipe(t, m), "--num-processes", "2", "--distributed", "zero3"],
+        "--distributed zero3: needs DeepSpeed, which is not installed" if torch.cuda.is_available() else
         "--distributed zero3: DeepSpeed ZeRO needs CUDA GPUs and this machine has none"),
+    "float16 weights on the CPU": (  # (on a GPU this trains: the case is skipped there)
+        lambda t, m: ["finetune", recipe(t, m), "--lora", "model.dtype=float16"],
+        "model.dtype: float16 on the CPU runs at a tiny fraction"),
+    "float16 weights trained in full": (
+        lambda t, m: ["finetune", recipe(t, m), "model.dtype=float16"],
+        "model.dtype: float16 weights cannot be trained directly"),
+    "flash attention without its package": (
+        lambda t, m: ["finetune", recipe(t, m), "model.attn_implementation=flash_attention_2"],
+        "model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed: pip "
+        "install flash-attn"),
+    "unknown attention": (
+        lambda t, m: ["finetune", recipe(t, m), "model.attn_implementation=flash"],
+        "model.attn_implementation: input should be 'auto', 'sdpa', 'eager' or 'flash_attention_2'"),
     "unknown distributed preset": (
         lambda t, m: ["finetune", recipe(t, m), "--num-processes", "2", "--distributed", "ddpp"],
         "--distributed ddpp: choose one of ddp, zero2, zero3, fsdp"),
@@ -208,6 +223,8 @@ CASES = {
 def test_bad_input_exits_2_with_one_clear_line(case, tmp_path, tiny_bert, monkeypatch):
     monkeypatch.delenv("NLPKIT_DATA_DIR", raising=False)
     build, expected = CASES[case]
+    if case == "float16 weights on the CPU" and torch.cuda.is_available():
+        pytest.skip("float16 weights are good input on a GPU")
     argv = build(tmp_path, tiny_bert)
     if argv[0] == "finetune" and "--output-dir" not in argv:
         argv += ["--output-dir", str(tmp_path / "run")]

@@ -175,12 +175,12 @@ def weights_dtype(requested: str, frozen: bool, device_type: str):
 def attention(requested: str, device_type: str) -> str:
     """model.attn_implementation, checked where it can run."""
     if requested == "flash_attention_2":
-        if device_type != "cuda":
-            raise NlpkitError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; use sdpa (or "
-                              "auto) here")
         if importlib.util.find_spec("flash_attn") is None:
             raise NlpkitError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
                               "not installed: pip install flash-attn --no-build-isolation (or use sdpa)")
+        if device_type != "cuda":
+            raise NlpkitError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; use sdpa (or "
+                              "auto) here")
     return requested
 
 

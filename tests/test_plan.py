@@ -1,5 +1,7 @@
 """nlpkit plan on tiny models: parameter counts equal the built models', the memory parts follow the settings."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from test_classify import CASES, make_recipe
@@ -115,3 +117,47 @@ def test_plan_shows_resolved_config_and_rejects_bad_input(tmp_path, tiny_bert):
     assert bad.code == 2 and "--memory 'lots'" in bad.stderr
     typo = nlpkit("plan", recipe, "train.learning_rat=1")
     assert typo.code == 2 and "did you mean 'learning_rate'" in typo.stderr
+
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+
+
+def test_planned_for_a_gpu_frozen_weights_are_bf16_and_host_memory_is_apart(tmp_path, tiny_llama):
+    recipe = sft_recipe(tmp_path, tiny_llama)
+    cpu = plan_json(recipe, "--lora", "--device", "cpu")
+    gpu = plan_json(recipe, "--lora", "--device", "cuda")
+    assert gpu["device"].startswith("cuda") and "framework" not in gpu["memory_mb"] and "host_memory_mb" in gpu
+    params = gpu["parameters"]
+    frozen = params["total"] - params["trainable"]
+    # The base in bf16 on a GPU (fp32 on the CPU); the adapters in fp32 on both.
+    assert gpu["memory_mb"]["weights"] == pytest.approx((2 * frozen + 4 * params["trainable"]) / 2**20, abs=0.1)
+    assert cpu["memory_mb"]["weights"] == pytest.approx(4 * params["total"] / 2**20, abs=0.1)
+    full = plan_json(recipe, "--device", "cuda")  # full fine-tuning keeps fp32 master weights
+    assert full["memory_mb"]["weights"] == pytest.approx(4 * full["parameters"]["total"] / 2**20, abs=0.1)
+
+
+def test_an_8b_llama_with_lora_on_a_24gb_gpu_in_bf16_and_in_4_bit(tmp_path):
+    """The question a practitioner asks first, answered from the config alone (no weights are loaded)."""
+    import json
+
+    from conftest import FIXTURES
+
+    model = tmp_path / "llama-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    recipe = str(Path(__file__).parents[1] / "recipes" / "sft-dolly-lora.yaml")
+    common = [recipe, f"model.name={model}", f"data.train={FIXTURES / 'instructions.jsonl'}", "--device", "cuda",
+              "--memory", "24GB"]
+    bf16 = plan_json(*common)
+    nf4 = plan_json(*common, "--bits", "4")
+    params = bf16["parameters"]  # 8.03B in the base, 42M in rank-16 adapters
+    assert params["total"] - params["trainable"] == pytest.approx(8.03e9, rel=0.01)
+    frozen, trainable = params["total"] - params["trainable"], params["trainable"]
+    assert bf16["memory_mb"]["weights"] == pytest.approx((2 * frozen + 4 * trainable) / 2**20, abs=0.1)  # bf16 base
+    assert nf4["memory_mb"]["weights"] < 0.4 * bf16["memory_mb"]["weights"]
+    for planned in (bf16, nf4):  # batch 8 x 384 tokens keeps too many activations; checkpointing brings it under
+        assert planned["fits"] is False
+        fix = next(s for s in planned["suggestions"] if "gradient_checkpointing" in s["override"])
+        assert fix["fits"] is True

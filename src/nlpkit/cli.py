@@ -344,6 +344,8 @@ def plan(
                                                   "estimate is over it.")] = None,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes: global "
                                                "batch and per-process memory.")] = 1,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda: plan for that device (default: "
+                                                  "this machine's); cuda estimates GPU memory.")] = None,
     as_json: JsonOpt = False,
 ):
     """Preflight without training: resolved config, parameter counts, and a peak-memory estimate by component."""
@@ -354,7 +356,9 @@ def plan(
 
         budget = planning.parse_memory(memory) if memory is not None else None
         cfg = load_recipe(recipe, _flag_overrides(lora, bits) + (overrides or []))
-        return planning.plan(cfg, num_processes=num_processes, memory_mb=budget)
+        if device not in (None, "cpu", "cuda"):
+            raise NlpkitError(f"--device {device}: plan for cpu or cuda")
+        return planning.plan(cfg, num_processes=num_processes, memory_mb=budget, device=device)
 
     def show(result):
         from nlpkit.plan import print_plan

@@ -167,8 +167,8 @@ def weights_dtype(requested: str, frozen: bool, device_type: str):
                           "auto (fp32 weights with bf16 autocast where the CPU has it)")
     if requested != "auto":
         return getattr(torch, requested)
-    if device_type == "cuda" and frozen:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cuda" and frozen:  # (planned from a machine without CUDA: a GPU with bf16, the usual case)
+        return torch.float16 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else torch.bfloat16
     return torch.float32
 
 

@@ -3,16 +3,16 @@
     nlpkit plan recipes/sft-dolly-lora.yaml
     nlpkit plan recipes/classify-sst2.yaml --memory 1GB          # suggestions when it will not fit
     nlpkit plan recipes/classify-sst2.yaml --num-processes 2      # global batch and per-process memory under DDP
+    nlpkit plan recipes/sft-dolly-lora.yaml --device cuda --memory 24GB   # GPU memory, weights as a GPU loads them
 
 The estimate adds up, from first principles, what a training process holds at its peak (the first steps: Trainer's
 length-grouped sampler serves the longest batch first):
 
-- framework: the resident memory of this very process after importing what the stage imports (torch,
-  transformers, datasets, trl), measured, not guessed;
-- data: the rows as read (measured while plan reads them: the real run reads them the same way) and their
-  tokenized copy (tokens x columns x 8 bytes, Arrow int64);
-- weights: parameters x bytes per parameter (fp32 4; 8-bit linear weights 1; 4-bit 0.5 plus block scales);
-- gradients (fp32, trainable parameters) and AdamW's two fp32 moments (8 bytes per trainable parameter);
+- framework (CPU only): this very process's resident memory after importing what the stage imports, measured;
+- data (CPU only): the rows as read (measured) and their tokenized copy (tokens x columns x 8 bytes);
+- weights: parameters x bytes per parameter in the dtype a run loads them in (models.weights_dtype; 8-bit linear
+  weights 1; 4-bit 0.5 plus block scales);
+- gradients of the trainable parameters and AdamW's two moments, in the trainable parameters' dtype;
 - bf16 autocast's cache: a bf16 copy of every trainable weight that goes through a matmul;
 - activations kept for the backward pass: per layer, the tensors each op saves (norm inputs, projections, attention
   output, MLP intermediates, dropout masks, LoRA's dropped-out inputs), for the longest batch (batch x max_length);
@@ -22,10 +22,8 @@ length-grouped sampler serves the longest batch first):
   32,768 vocabulary entries), never the whole batch x length x vocabulary logits; the tile's backward temporaries
   are what it adds at the peak.
 
-Not modelled: allocator fragmentation and library caches, which is why the estimate runs short with activation
-checkpointing on (the checkpointed forward pass keeps freed intermediates in the allocator). How close it comes on
-the shipped recipes, measured: docs/results.md. The figure is an estimate to compare with a budget; `nlpkit_run.json`'s
-`peak_memory_mb` is the measured truth.
+Not modelled: allocator fragmentation and library caches (why the estimate runs short with activation checkpointing
+on). How close it comes, measured: docs/results.md; a run's `peak_memory_mb` is the measured truth.
 """
 
 from __future__ import annotations
@@ -35,17 +33,24 @@ import re
 from nlpkit import report
 from nlpkit.config import PROMPT_METHODS, Recipe
 from nlpkit.errors import NlpkitError
-from nlpkit.models import HEAD_MODULES, bf16_is_fast, resolve_model
+from nlpkit.models import HEAD_MODULES, bf16_is_fast, resolve_model, weights_dtype
 
 MB = 1024 * 1024
 
 
-def plan(cfg: Recipe, *, num_processes: int = 1, memory_mb: float | None = None) -> dict:
-    """Resolved config, parameter counts and the memory estimate (with suggestions when over `memory_mb`)."""
+def plan(cfg: Recipe, *, num_processes: int = 1, memory_mb: float | None = None, device: str | None = None) -> dict:
+    """Resolved config, parameter counts and the memory estimate (with suggestions when over `memory_mb`), for a
+    process on `device` (cpu or cuda; default: this machine's). On cuda the estimate is GPU memory (what PyTorch's
+    allocator holds: the CUDA context is not in it), with weights in the dtypes a run there loads them in."""
+    import torch
+
     framework_mb = _import_stage_libraries(cfg.stage)
     data = _data_footprint(cfg)
-    shape = model_shape(cfg, data["num_labels"])
-    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = model_shape(cfg, data["num_labels"], device)
+    # Planned for a GPU from elsewhere: one with bf16 (every GPU since the A100), as the usual case.
+    gpu_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    bf16 = (gpu_bf16 if device == "cuda" else bf16_is_fast()) if cfg.train.bf16 == "auto" else cfg.train.bf16
     estimate = estimate_memory(cfg, shape, framework_mb=framework_mb, data_mb=data["mb"], bf16=bf16,
                                num_processes=num_processes)
     train = cfg.train
@@ -56,10 +61,14 @@ def plan(cfg: Recipe, *, num_processes: int = 1, memory_mb: float | None = None)
         "batch": {"per_device": train.per_device_train_batch_size, "num_processes": num_processes,
                   "gradient_accumulation_steps": train.gradient_accumulation_steps,
                   "global": train.per_device_train_batch_size * num_processes * train.gradient_accumulation_steps},
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" and torch.cuda.is_available()
+        else device,
+        "precision": f"weights {shape['weights_dtype']}, {'bf16 autocast' if bf16 else 'no autocast'}",
         "data": {"train_rows": data["rows"], "mean_tokens": round(data["mean_tokens"], 1)},
         "memory_mb": estimate,
     }
+    if device == "cuda":  # what the process holds on the host besides the GPU's share
+        result["host_memory_mb"] = {"framework": round(framework_mb, 1), "data": round(data["mb"], 1)}
     if memory_mb is not None:
         result["budget_mb"] = memory_mb
         result["fits"] = estimate["total"] <= memory_mb
@@ -76,8 +85,8 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
     """Per-process peak memory in MB, by component."""
     trainable, matmul_trainable = shape["trainable"], shape["trainable_matmul"]
     weights = shape["weight_bytes"]
-    grads = 4 * trainable
-    optimizer = 8 * trainable  # AdamW: exp_avg and exp_avg_sq in fp32
+    grads = shape["trained_bytes"] * trainable
+    optimizer = 2 * shape["trained_bytes"] * trainable  # AdamW: exp_avg and exp_avg_sq, in the parameters' dtype
     autocast_cache = 2 * matmul_trainable if bf16 else 0  # frozen weights are re-cast per op and freed, not cached
     # DDP keeps its gradient buckets beside .grad: one more fp32 copy of the trainable parameters.
     ddp_buckets = 4 * trainable if num_processes > 1 else 0
@@ -92,9 +101,10 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
         recompute, logits = (layer, 0.0) if layer > logits else (0.0, logits)
     else:
         activations = shape["num_layers"] * layer
+    # On a GPU the framework and the rows stay in host memory: the estimate is what the GPU holds.
+    host = {} if shape["device"] == "cuda" else {"framework": framework_mb, "data": data_mb}
     parts = {
-        "framework": framework_mb,
-        "data": data_mb,
+        **host,
         "weights": weights / MB,
         "gradients": grads / MB,
         "optimizer": optimizer / MB,
@@ -171,8 +181,9 @@ def lm_head_bytes(shape: dict, tokens: int, bf16: bool) -> float:
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def model_shape(cfg: Recipe, num_labels: int) -> dict:
-    """Parameter counts and the dimensions the estimate needs, from the config alone (weights on the meta device)."""
+def model_shape(cfg: Recipe, num_labels: int, device: str = "cpu") -> dict:
+    """Parameter counts, weight bytes as a run on `device` loads them (models.weights_dtype), and the dimensions the
+    estimate needs, from the config alone (weights on the meta device)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -201,12 +212,19 @@ def model_shape(cfg: Recipe, num_labels: int) -> dict:
         trainable = adapter + (head if cfg.stage == "classify" else 0)  # peft trains a classifier head in full
         trainable_matmul = trainable
         total += adapter + (head if cfg.stage == "classify" else 0)  # modules_to_save keeps the original head too
-    weight_bytes = 4 * total
-    if cfg.quant is not None:  # linear layers (not heads) quantized; everything else stays fp32
+    frozen_dtype = weights_dtype(cfg.model.dtype, frozen=True, device_type=device)
+    # Full fine-tuning trains the loaded weights; peft keeps adapters (and the heads it trains) in fp32.
+    trained_dtype = weights_dtype(cfg.model.dtype, frozen=False, device_type=device) if cfg.peft is None \
+        else torch.float32
+    frozen_bytes, trained_bytes = frozen_dtype.itemsize, trained_dtype.itemsize
+    weight_bytes = trained_bytes * trainable + frozen_bytes * (total - trainable)
+    if cfg.quant is not None:  # linear layers (not heads) quantized; everything else as the frozen dtype
         per_param = 1.0 if cfg.quant.bits == 8 else 0.5 + (0.127 if cfg.quant.double_quant else 0.5) / 8
-        weight_bytes -= (4 - per_param) * body_linear
+        weight_bytes -= (frozen_bytes - per_param) * body_linear
     return {
         "total": total, "trainable": trainable, "trainable_matmul": trainable_matmul, "weight_bytes": weight_bytes,
+        "trained_bytes": trained_bytes, "device": device,
+        "weights_dtype": str(frozen_dtype if cfg.peft is not None else trained_dtype).removeprefix("torch."),
         "num_layers": config.num_hidden_layers, "hidden": config.hidden_size,
         "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
         "kv_hidden": config.hidden_size * getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -302,9 +320,12 @@ def _data_footprint(cfg: Recipe) -> dict:
 def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, bf16: bool, num_processes: int,
                 budget_mb: float) -> list[dict]:
     """Changes that shrink the estimate, each with its override and the new total (computed, not guessed)."""
-    from nlpkit.config import validate_recipe
+    import copy
 
-    raw = cfg.model_dump(mode="json")
+    from nlpkit.config import validate_recipe
+    from nlpkit.recipes import apply_override
+
+    raw = {section: value for section, value in cfg.model_dump(mode="json").items() if value is not None}
     train = cfg.train
     candidates = []
     if train.per_device_train_batch_size > 1:
@@ -327,10 +348,12 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
                               num_processes=num_processes)["total"]
     found = []
     for changes, why in candidates:
-        changed = _with(raw, changes)
+        changed = copy.deepcopy(raw)
+        for key, value in changes.items():
+            apply_override(changed, f"{key}={value}")
         new_cfg = validate_recipe(changed, source="plan")
-        new_shape = model_shape(new_cfg, shape["num_labels"]) if "peft.method" in changes or "quant.bits" in changes \
-            else shape
+        reshaped = "peft.method" in changes or "quant.bits" in changes
+        new_shape = model_shape(new_cfg, shape["num_labels"], shape["device"]) if reshaped else shape
         total = estimate_memory(new_cfg, new_shape, framework_mb=framework_mb, data_mb=data_mb, bf16=bf16 or
                                 changes.get("train.bf16", False), num_processes=num_processes)["total"]
         override = " ".join(f"{k}={v}" for k, v in changes.items())
@@ -338,21 +361,6 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
             continue
         found.append({"override": override, "why": why, "estimate_mb": total, "fits": total <= budget_mb})
     return sorted(found, key=lambda s: s["estimate_mb"])
-
-
-def _with(raw: dict, changes: dict) -> dict:
-    import copy
-
-    changed = copy.deepcopy(raw)
-    for key, value in changes.items():
-        *sections, field = key.split(".")
-        node = changed
-        for section in sections:
-            if node.get(section) is None:
-                node[section] = {}
-            node = node[section]
-        node[field] = value
-    return changed
 
 
 def parse_memory(text: str) -> float:
@@ -373,9 +381,11 @@ def print_plan(result: dict) -> None:
     report.info(f"parameters: {params['trainable']:,} trainable of {params['total']:,} ({params['trainable_percent']}%)")
     report.info(f"batch: {batch['per_device']} per device x {batch['num_processes']} process(es) x "
                 f"{batch['gradient_accumulation_steps']} accumulation = {batch['global']} global")
-    report.info(f"precision: {result['precision']}; train rows: {result['data']['train_rows']:,}")
+    report.info(f"device: {result['device']}; precision: {result['precision']}; train rows: "
+                f"{result['data']['train_rows']:,}")
     per = " per process" if batch["num_processes"] > 1 else ""
-    report.info(f"estimated peak memory{per}: {memory['total']:,.0f} MB")
+    where = " on the GPU (allocator; the CUDA context comes on top)" if "host_memory_mb" in result else ""
+    report.info(f"estimated peak memory{per}{where}: {memory['total']:,.0f} MB")
     for key, value in memory.items():
         if key != "total" and value:
             report.info(f"  {key:16s} {value:9,.0f} MB")

@@ -80,6 +80,8 @@ bench: install
 # GPU_PYTHON=python3 uses that interpreter instead of .venv (a GPU image with the packages preinstalled or carried as
 # wheels, no registry: docs/gpu.md).
 GPU_PYTHON ?=
+# GPU_CHECK_TIMEOUT bounds the whole run (a hang still prints its summary; the suite needs a few minutes on an H100).
+GPU_CHECK_TIMEOUT ?= 480
 # Skips with the same reason (no CUDA: all of them) on one line, not one line per test.
 GPU_SKIPS_ONCE = /^SKIPPED \[/ { n = $$2; gsub(/[][]/, "", n); r = $$0; sub(/^SKIPPED \[[0-9]+\] [^:]+:[0-9]+: /, "", r); \
 	if (!(r in c)) o[++k] = r; c[r] += n; next } { print } \
@@ -88,7 +90,7 @@ gpu-check: $(if $(GPU_PYTHON),,install)
 	@mkdir -p runs; rm -f runs/gpu-check-notes.txt
 	@echo "gpu-check: pytest -m gpu tests/test_gpu.py (full log: runs/gpu-check.log)"
 	@PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} GPU_CHECK_NOTES=runs/gpu-check-notes.txt \
-		$(or $(GPU_PYTHON),$(BIN)/python) -m pytest -m gpu -q -rA --tb=short --show-capture=no -p no:cacheprovider \
+		timeout $(GPU_CHECK_TIMEOUT) $(or $(GPU_PYTHON),$(BIN)/python) -m pytest -m gpu -q -rA --tb=short --show-capture=no -p no:cacheprovider \
 		tests/test_gpu.py > runs/gpu-check.log 2>&1; rc=$$?; \
 	sed -n '/short test summary info/,$$p' runs/gpu-check.log | sed '1d;$$d' | awk '$(GPU_SKIPS_ONCE)'; \
 	if [ -s runs/gpu-check-notes.txt ]; then echo "figures:"; sed 's/^/  /' runs/gpu-check-notes.txt; fi; \

@@ -16,6 +16,7 @@ $GPU_CHECK_NOTES names a file (make gpu-check sets it), appended there for the s
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -71,6 +72,7 @@ def weight_bytes(model_dir: Path) -> int:
 @contextlib.contextmanager
 def cuda_allocated():
     """The most CUDA memory the block allocated beyond what was held before it, in bytes (box["bytes"])."""
+    gc.collect()  # models of earlier tests wait in reference cycles (accelerate's forward wrapper) until collected
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

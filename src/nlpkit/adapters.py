@@ -65,6 +65,7 @@ def apply_peft(model, section: PeftSection, task_type: str):
             f"{', '.join(linear_layer_names(model))} (or use all-linear)"
         ) from None
     refuse_untrainable(model, section.method)
+    trainable_in_fp32(model)  # peft upcasts LoRA weights over a bf16 base, not the head copies it trains
     report.print_parameters(model)
     return model
 

@@ -168,7 +168,8 @@ def weights_dtype(requested: str, frozen: bool, device_type: str):
     if requested != "auto":
         return getattr(torch, requested)
     if device_type == "cuda" and frozen:  # (planned from a machine without CUDA: a GPU with bf16, the usual case)
-        return torch.float16 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        no_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.float16 if no_bf16 else torch.bfloat16
     return torch.float32
 
 
@@ -285,7 +286,7 @@ def bf16_is_fast() -> bool:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

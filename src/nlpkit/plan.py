@@ -49,7 +49,7 @@ def plan(cfg: Recipe, *, num_processes: int = 1, memory_mb: float | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = model_shape(cfg, data["num_labels"], device)
     # Planned for a GPU from elsewhere: one with bf16 (every GPU since the A100), as the usual case.
-    gpu_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    gpu_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if torch.cuda.is_available() else True
     bf16 = (gpu_bf16 if device == "cuda" else bf16_is_fast()) if cfg.train.bf16 == "auto" else cfg.train.bf16
     estimate = estimate_memory(cfg, shape, framework_mb=framework_mb, data_mb=data["mb"], bf16=bf16,
                                num_processes=num_processes)

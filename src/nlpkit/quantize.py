@@ -95,6 +95,8 @@ def _causal_lm(model_ref: str, quant: QuantSection, eval_data: str | None, outpu
 
 
 def _classifier_run(run: runs.Run, quant: QuantSection, eval_data: str | None, output_dir: Path | None) -> dict:
+    import torch
+
     from nlpkit.evaluate import classifier_metrics
 
     if run.stage != "classify":
@@ -103,7 +105,7 @@ def _classifier_run(run: runs.Run, quant: QuantSection, eval_data: str | None, o
     probe = tokenizer(["a short sentence to time the forward pass."] * 8, return_tensors="pt")
     result = {"model": str(run.path), "kind": "classifier", "bits": quant.bits}
     for label, quantized in (("fp32", None), ("quantized", quant)):
-        model = runs.load_model(run, quant=quantized)
+        model = runs.load_model(run, quant=quantized, **({} if quantized else {"dtype": torch.float32}))
         result[f"footprint_mb_{label}"] = model.get_memory_footprint() / 2**20
         result[f"latency_ms_{label}"] = forward_latency_ms(model, probe["input_ids"], probe["attention_mask"])
         if eval_data:

@@ -86,15 +86,16 @@ def write_json(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
-def load_model(run: Run, *, quant=None, dequantize: bool = False):
+def load_model(run: Run, *, quant=None, dequantize: bool = False, **kwargs):
     """The run's model in eval mode. An adapter run: its base (quantized as in training, or dequantized to fp32 with
-    `dequantize`) with the adapter attached. A full fine-tune: the saved model, quantized on load with `quant`."""
+    `dequantize`) with the adapter attached. A full fine-tune: the saved model, quantized on load with `quant`.
+    Other keywords go to from_pretrained (quantize's baseline asks for dtype=float32)."""
     from nlpkit import models
     from nlpkit.distributed import place
 
     if not run.has_adapter:
         return place(models.load_model(run.auto_class, ModelSection(name=str(run.path)), quant=quant,
-                                       frozen=True)).eval()
+                                       frozen=True, **kwargs)).eval()
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, GenerationConfig
@@ -105,7 +106,7 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False):
         del config.quantization_config  # the recipe's quant section says how the base loads
     # Merging (dequantize) folds the adapter into fp32 weights, so the merged model equals what was trained.
     base = models.load_model(run.auto_class, cfg.model, quant=cfg.quant, frozen=True, config=config,
-                             **({"dtype": torch.float32} if dequantize else {}))
+                             **({"dtype": torch.float32} if dequantize else {}) | kwargs)
     if dequantize and cfg.quant is not None:
         base = base.dequantize(dtype=torch.float32)
     if (run.path / "generation_config.json").is_file():  # the run's generation settings, not the base model's

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from nlpkit import runs
-from nlpkit.adapters import apply_peft, trainable_in_fp32
+from nlpkit.adapters import apply_peft
 from nlpkit.config import PeftSection, Recipe
 from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, distinct_pad
@@ -70,7 +70,6 @@ class Scorer:
         scores with that adapter disabled, so the reward stays the reward model's own while the value model trains.
         The adapter trains in fp32 over the frozen base (bf16 when autocast is)."""
         value_model = apply_peft(self.model, peft, task_type="SEQ_CLS")
-        trainable_in_fp32(value_model)
         self.reward_view = value_model.disable_adapter
         return value_model
 
@@ -113,7 +112,8 @@ def load_reward_model(ref: str, key: str):
                           "`nlpkit finetune` with stage: reward writes")
     tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
     if (path / "adapter_config.json").is_file():
-        model = runs.load_model(runs.open_run(path)).merge_and_unload()
+        # Dequantized first: a 4-bit reward run merges into plain weights that can be cast and moved.
+        model = runs.load_model(runs.open_run(path), dequantize=True).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -47,7 +47,7 @@ def trainer_kwargs(train, output_dir: Path, *, bf16: bool, has_eval: bool) -> di
         "per_device_train_batch_size": train.per_device_batch(world_size()),
         "bf16": bf16,
         # GPUs without bf16 (T4, V100): fp16 autocast, with Trainer's loss scaling.
-        "fp16": train.bf16 == "auto" and gpu and not torch.cuda.is_bf16_supported(),
+        "fp16": train.bf16 == "auto" and gpu and not torch.cuda.is_bf16_supported(including_emulation=False),
         "use_cpu": not gpu,  # transformers refuses CPU bf16 autocast without it
         "eval_strategy": train.eval_strategy if has_eval else "no",
         "report_to": "none",

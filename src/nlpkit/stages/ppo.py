@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from nlpkit import report, training
-from nlpkit.adapters import apply_peft, trainable_in_fp32
+from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
 from nlpkit.distributed import average_gradients, process_device, process_group
@@ -190,13 +190,13 @@ def load_policy(cfg: Recipe, bf16: bool):
     if cfg.peft is None:
         policy = load_model(AutoModelForCausalLM, cfg.model)
         report.print_parameters(policy)
-        frozen = weights_dtype(cfg.model.dtype, True, process_device().type)  # bf16 on a GPU, fp32 on the CPU
+        # Held as frozen weights are on this device (bf16 on a GPU) when autocast runs in bf16; else as the policy.
+        frozen = weights_dtype(cfg.model.dtype, True, process_device().type) if bf16 else policy.dtype
         return policy, copy.deepcopy(policy).requires_grad_(False).to(frozen)  # [11] frozen
     # A frozen base is held in bf16 when autocast runs in bf16: every matmul would cast it anyway, and keep the
     # cast copy for the backward pass. Half the weight memory, and no copies; the adapter trains in fp32.
     policy = load_model(AutoModelForCausalLM, cfg.model, frozen=True, **({"dtype": torch.bfloat16} if bf16 else {}))
     policy = apply_peft(policy, cfg.peft, task_type="CAUSAL_LM")  # LoRA B = 0: the policy starts at the reference
-    trainable_in_fp32(policy)
     return policy, None
 
 
@@ -232,9 +232,7 @@ def load_value_model(cfg: Recipe, ppo: PPOSection, tokenizer, scorer: Scorer):
     if cfg.peft is None:
         return model.to(torch.float32).requires_grad_(True)
     frozen_dtype = torch.bfloat16 if scorer.bf16 else torch.float32  # as the policy's base, and the Scorer's model
-    value_model = apply_peft(model.to(frozen_dtype), cfg.peft, task_type="SEQ_CLS")  # SEQ_CLS: a trainable head copy
-    trainable_in_fp32(value_model)
-    return value_model
+    return apply_peft(model.to(frozen_dtype), cfg.peft, task_type="SEQ_CLS")  # SEQ_CLS: a trainable head copy
 
 
 def make_optimizer(cfg: Recipe, policy, value_model, updates: int):

@@ -130,7 +130,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.inference_mode(), autocast(bf16, model.device):
+            # no_grad, not inference_mode: FSDP2 cannot unshard a model's parameters under inference mode.
+            with torch.no_grad(), autocast(bf16, model.device):
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             for row in out[:, batch["input_ids"].shape[1]:]:

@@ -177,6 +177,37 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     assert scorer.score([{"prompt": "the cat sits"}], [" good great"]) == pytest.approx([at_eos], abs=1e-5)
 
 
+def test_a_reply_is_scored_as_the_loop_decodes_it_with_the_space_the_reward_model_was_trained_on(
+        tmp_path, toy_llama, toy_reward_model):
+    """The reward model trained on prompt + " reply"; the loop decodes the reply from the policy's ids. Decoded
+    alone (and stripped), "good great" joined "the cat sits" as "sitsgood", one unknown word: the scorer must see
+    exactly the text it was trained on."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from nlpkit.ppo import core
+    from nlpkit.ppo.rollout import decode_responses, encode_prompts
+    from nlpkit.recipes import load_recipe
+    from nlpkit.scoring import Scorer, score_ids
+
+    policy_tokenizer = AutoTokenizer.from_pretrained(toy_llama)
+    policy_tokenizer.padding_side = "left"
+    queries = encode_prompts(policy_tokenizer, ["the cat sits", "a dog"], torch.device("cpu"))
+    responses = torch.tensor([policy_tokenizer("good great <eos> <pad>")["input_ids"],
+                              policy_tokenizer("happy <eos> <pad> <pad>")["input_ids"]])
+    ends, has_stop = core.end_indices(responses, [policy_tokenizer.eos_token_id])
+    completions = decode_responses(policy_tokenizer, queries, responses, ends, has_stop)
+    assert completions == [" good great", " happy"]
+
+    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    tokenizer = scorer.tokenizer
+    expected = score_ids(scorer.model, [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+                                        for text in ("the cat sits good great", "a dog happy")],
+                         tokenizer.pad_token_id, False)
+    assert scorer.score([{"prompt": "the cat sits"}, {"prompt": "a dog"}], completions) == pytest.approx(expected,
+                                                                                                         abs=1e-5)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps_scoring_unchanged(
         bf16, tmp_path, toy_llama, toy_reward_model):

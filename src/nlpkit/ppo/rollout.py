@@ -44,7 +44,7 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
     logprobs = logprobs.masked_fill(pad_mask, core.INVALID_LOGPROB)  # [15]
     ref_logprobs = ref_logprobs.masked_fill(pad_mask, core.INVALID_LOGPROB)
     values = values.masked_fill(pad_mask, 0.0)
-    completions = decode_responses(tokenizer, responses, ends, has_stop)
+    completions = decode_responses(tokenizer, queries, responses, ends, has_stop)
     raw_scores = torch.tensor(scorer.score(batch, completions), device=responses.device)
     raw_scores = core.normalized_scores(raw_scores, reward_bias, ppo.reward_clip)  # [10]
     scores = core.apply_missing_eos_penalty(raw_scores, has_stop, ppo.missing_eos_penalty)  # [9]
@@ -114,9 +114,16 @@ def encode_prompts(tokenizer, prompts: list[str], device):
     return batch["input_ids"].to(device)
 
 
-def decode_responses(tokenizer, responses, ends, has_stop) -> list[str]:
-    """Response text up to (not including) its stop token."""
+def decode_responses(tokenizer, queries, responses, ends, has_stop) -> list[str]:
+    """Each response's text up to (not including) its stop token, as it continues its prompt: decoded together with
+    the prompt, less the prompt's own text, so the space between them is kept. The reward model reads prompt + this
+    text, as it read prompt + reply in training (a response decoded alone loses that space with word-level and
+    WordPiece tokenizers)."""
     texts = []
-    for row, end, stopped in zip(responses.tolist(), ends.tolist(), has_stop.tolist()):
-        texts.append(tokenizer.decode(row[:end] if stopped else row[:end + 1], skip_special_tokens=True).strip())
+    for query, row, end, stopped in zip(queries.tolist(), responses.tolist(), ends.tolist(), has_stop.tolist()):
+        prompt = [t for t in query if t != tokenizer.pad_token_id]  # left padding
+        kept = row[:end] if stopped else row[:end + 1]
+        head = tokenizer.decode(prompt, skip_special_tokens=True)
+        full = tokenizer.decode(prompt + kept, skip_special_tokens=True)
+        texts.append(full[len(head):] if full.startswith(head) else tokenizer.decode(kept, skip_special_tokens=True))
     return texts

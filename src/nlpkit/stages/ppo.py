@@ -360,9 +360,10 @@ def respond_and_score(respond, tokenizer, scorer: Scorer, prompts: list[dict], s
     scores, stops = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        responses = respond(encode_prompts(tokenizer, [record["prompt"] for record in batch], device))
+        queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
+        responses = respond(queries)
         ends, has_stop = core.end_indices(responses, stop_ids)
-        scores += scorer.score(batch, decode_responses(tokenizer, responses, ends, has_stop))
+        scores += scorer.score(batch, decode_responses(tokenizer, queries, responses, ends, has_stop))
         stops += has_stop.tolist()
     return scores, stops
 

@@ -35,7 +35,7 @@ from helpers import nlpkit
 from test_classify import CASES, make_recipe
 from test_reliability import classify_recipe, finetune, log_steps
 from test_reward import reward_recipe
-from test_rlhf import read_log, rlhf_recipe, toy_reward_model  # noqa: F401 - toy_reward_model is a fixture
+from test_rlhf import grpo_recipe, read_log, rlhf_recipe, toy_reward_model  # noqa: F401 - toy_reward_model is a fixture
 from test_sft import sft_recipe
 
 
@@ -285,18 +285,7 @@ def test_rlhf_ppo_on_cuda(tmp_path, toy_llama, toy_reward_model):  # noqa: F811 
 
 
 def test_rlhf_grpo_on_cuda(tmp_path, tiny_llama):
-    data = tmp_path / "math.jsonl"
-    data.write_text("".join(f'{{"question": "What is {i} + 1?", "answer": "#### {i + 1}"}}\n' for i in range(8)))
-    recipe = write_yaml(tmp_path / "grpo.yaml", {
-        "stage": "rlhf", "algo": "grpo",
-        "model": {"name": str(tiny_llama)},
-        "data": {"train": str(data)},
-        "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "grpo": {"num_generations": 4, "max_completion_length": 8, "beta": 0.04},
-        "train": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
-                  "learning_rate": 1e-3},
-    })
+    recipe = grpo_recipe(tmp_path, tiny_llama, "grpo")
     out = tmp_path / "run"
     _, allocated = run_nlpkit("rlhf", recipe, "--output-dir", out, "--json")
     assert_complete_cuda_run(out)

@@ -269,23 +269,29 @@ def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
     assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_trl_algorithms_run_with_our_scoring_and_log_the_reward_every_step(algo, tmp_path, tiny_llama):
-    """algo grpo/rloo: trl's trainers, a LoRA policy loaded from its path, beta > 0, a reward function."""
+def grpo_recipe(tmp_path, policy, algo: str, **train) -> Path:
+    """3 steps of trl's GRPO/RLOO on 8 gsm8k-style questions: LoRA, beta > 0, exact match as the reward."""
     data = tmp_path / "math.jsonl"
     data.write_text("".join(f'{{"question": "What is {i} + 1?", "answer": "#### {i + 1}"}}\n' for i in range(8)))
     recipe = {
         "stage": "rlhf", "algo": algo,
-        "model": {"name": str(tiny_llama)},
+        "model": {"name": str(policy)},
         "data": {"train": str(data)},
         "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"},
         "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "grpo": {"num_generations": 4, "max_completion_length": 8, "beta": 0.04},
         "train": {"max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
-                  "bf16": False, "learning_rate": 1e-3},
+                  "learning_rate": 1e-3, **train},
     }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = nlpkit("rlhf", tmp_path / "r.yaml", "--output-dir", tmp_path / "run", "--json")
+    (tmp_path / f"{algo}.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / f"{algo}.yaml"
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_algorithms_run_with_our_scoring_and_log_the_reward_every_step(algo, tmp_path, tiny_llama):
+    """algo grpo/rloo: trl's trainers, a LoRA policy loaded from its path, beta > 0, a reward function."""
+    result = nlpkit("rlhf", grpo_recipe(tmp_path, tiny_llama, algo, bf16=False), "--output-dir", tmp_path / "run",
+                    "--json")
     assert result.code == 0, result.stderr
     steps = [entry for entry in read_log(tmp_path / "run") if "reward" in entry]
     assert [entry["step"] for entry in steps] == [1, 2, 3]  # the reward is logged every step

@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlpkit import models
 from nlpkit.config import ModelSection, Recipe, validate_recipe
+from nlpkit.distributed import place
 from nlpkit.errors import NlpkitError
 
 MANIFEST = "nlpkit_run.json"
@@ -90,9 +92,6 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False, **kwargs):
     """The run's model in eval mode. An adapter run: its base (quantized as in training, or dequantized to fp32 with
     `dequantize`) with the adapter attached. A full fine-tune: the saved model, quantized on load with `quant`.
     Other keywords go to from_pretrained (quantize's baseline asks for dtype=float32)."""
-    from nlpkit import models
-    from nlpkit.distributed import place
-
     if not run.has_adapter:
         return place(models.load_model(run.auto_class, ModelSection(name=str(run.path)), quant=quant,
                                        frozen=True, **kwargs)).eval()
@@ -125,8 +124,6 @@ def load_causal_lm(ref: str):
     hub id) with a chat template and a pad token that is not its EOS."""
     from transformers import AutoModelForCausalLM
 
-    from nlpkit import models
-
     if is_run(ref):
         run = open_run(ref)
         if not run.is_causal_lm:
@@ -134,6 +131,4 @@ def load_causal_lm(ref: str):
         return load_model(run), load_tokenizer(run)
     model_cfg = ModelSection(name=ref)
     tokenizer = models.chat_tokenizer(models.load_tokenizer(model_cfg), None)
-    from nlpkit.distributed import place
-
     return place(models.load_model(AutoModelForCausalLM, model_cfg, frozen=True)).eval(), tokenizer

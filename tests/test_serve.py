@@ -180,6 +180,10 @@ def test_wrong_endpoint_for_the_model_is_400(chat_client, classify_client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
 ])
 def test_invalid_chat_fields_are_400_naming_the_field(chat_client, body, param):
@@ -277,3 +281,45 @@ def test_a_template_that_refuses_the_messages_is_400(tiny_llama):
     client = TestClient(create_app(served))
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}]})
     assert response.status_code == 400 and "no system messages" in error_of(response)["message"]
+
+
+def stream_events(client, **body) -> list[dict]:
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hello there"}], "stream": True, **body}) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in events[:-1]]
+
+
+def test_models_list_names_the_served_model(chat_client, chat_served):
+    listed = chat_client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [chat_served.name]
+
+
+def test_stop_sequences_end_the_answer_before_them_plain_and_streamed(chat_client):
+    full = ask(chat_client, max_tokens=16).json()["choices"][0]
+    text = full["message"]["content"]
+    assert len(text) >= 4, text  # greedy, 16 tokens of a random model: enough text to cut in the middle
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    expected = text[:text.find(stop)]
+    cut = ask(chat_client, max_tokens=16, stop=[stop, "never in this answer"]).json()["choices"][0]
+    assert cut["message"]["content"] == expected and cut["finish_reason"] == "stop"
+    chunks = stream_events(chat_client, max_tokens=16, stop=stop)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_usage_when_asked_and_harmless_fields_accepted(chat_client):
+    plain = ask(chat_client, max_tokens=8, user="a lab script").json()
+    chunks = stream_events(chat_client, max_tokens=8, stream_options={"include_usage": True})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert all("usage" not in c for c in stream_events(chat_client, max_tokens=8))
+
+
+def test_stop_sequence_helpers():
+    from nlpkit.batching import held_back, stop_index
+
+    assert stop_index("one two. three", (".", "two")) == 4 and stop_index("abc", ("x",)) is None
+    assert held_back("the answer is\n", ("\n\n",)) == 1 and held_back("abc", ("\n\n",)) == 0
+

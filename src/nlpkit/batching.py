@@ -94,8 +94,8 @@ class ChatJob:
     "length" at max_tokens) and `completion_tokens` are set. `close()` (a client gone) drops it from its batch."""
 
     def __init__(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
-                 loop: asyncio.AbstractEventLoop | None = None):
-        self.prompt, self.max_tokens, self.seed = prompt, max_tokens, seed
+                 loop: asyncio.AbstractEventLoop | None = None, stop: tuple[str, ...] = ()):
+        self.prompt, self.max_tokens, self.seed, self.stop = prompt, max_tokens, seed, stop
         self.loop = loop  # given: pieces go to an asyncio queue, read with `async for` in the server's event loop
         self.apieces: asyncio.Queue[str | None] | None = asyncio.Queue() if loop is not None else None
         self.sampling = (temperature, top_p)
@@ -147,8 +147,8 @@ class ChatBatcher:
         threading.Thread(target=self._work, daemon=True, name="nlpkit-chat").start()
 
     def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
-               seed: int | None, loop: asyncio.AbstractEventLoop | None = None) -> ChatJob:
-        job = ChatJob(prompt, max_tokens, temperature, top_p, seed, loop)
+               seed: int | None, loop: asyncio.AbstractEventLoop | None = None, stop: tuple[str, ...] = ()) -> ChatJob:
+        job = ChatJob(prompt, max_tokens, temperature, top_p, seed, loop, stop)
         self.waiting.put(job)
         return job
 
@@ -223,9 +223,14 @@ class _RowStreamer:
                 continue
             job.tokens.append(token)
             text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > job.sent:
-                job.put(text[job.sent:])
-                job.sent = len(text)
+            cut = stop_index(text, job.stop)
+            if cut is not None:  # the answer ends before its first stop sequence, which is not sent
+                self._finish(row, "stop", text=text[:cut])
+                continue
+            ready = len(text) - held_back(text, job.stop)  # a stop sequence may be starting: wait for the next token
+            if not text.endswith("\ufffd") and ready > job.sent:
+                job.put(text[job.sent:ready])
+                job.sent = ready
             if len(job.tokens) >= job.max_tokens:
                 self._finish(row, "length")
             elif job.cancelled.is_set():
@@ -236,11 +241,23 @@ class _RowStreamer:
             if not self.done[row]:
                 self._finish(row, "length")
 
-    def _finish(self, row: int, reason: str, counted: int = 0):
+    def _finish(self, row: int, reason: str, counted: int = 0, text: str | None = None):
         job = self.jobs[row]
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if text is None:
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         if len(text) > job.sent:
             job.put(text[job.sent:])
         job.finish_reason, job.completion_tokens = reason, len(job.tokens) + counted  # the EOS counts, as OpenAI's
         self.done[row] = True
         job.put(None)
+
+
+def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop sequence in `text` begins, or None."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of a stop sequence (not to be sent yet)."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher, Served
@@ -88,9 +88,15 @@ class Message(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with the token counts, as OpenAI sends it
+
+
 class ChatRequest(BaseModel):
-    # OpenAI clients send fields we have no use for (user, stream_options, ...): accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
+    # Every field that would change the answer is honored or refused (400 naming it), never silently ignored. `user`
+    # only labels a request: accepted and ignored.
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, gt=0)
@@ -98,8 +104,39 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
-    n: Literal[1] = 1  # one answer per request
+    n: int = 1  # one answer per request
+    stop: str | list[str] | None = None  # up to 4 sequences; the answer ends before the first, which is not sent
+    logprobs: bool = False
+    top_logprobs: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, value):
+        if value != 1:
+            raise ValueError(f"nlpkit serve gives one answer per request (got {value}); send {value} requests, with "
+                             "a temperature above 0 for different answers")
+        return value
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("log-probabilities are not returned by nlpkit serve; leave the field out")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("up to 4 non-empty stop sequences")
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class ClassifyRequest(BaseModel):
@@ -131,6 +168,7 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
     app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
     batcher = ClassifyBatcher(served, max_batch) if served.task == "classify" else None
     chat_batcher = ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
+    started = int(time.time())
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -143,8 +181,14 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
             return api_error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
                              code="json_invalid")
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
-                             for err in e.errors())
+
+        def problem(err) -> str:
+            where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+            if err["type"] == "extra_forbidden":  # tools, response_format, logit_bias, ...: would change the answer
+                return f"{where}: not supported by nlpkit serve; leave it out"
+            return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+        problems = "; ".join(problem(err) for err in e.errors())
         return api_error(400, problems, param=param, code="invalid_value")
 
     @app.exception_handler(HTTPException)
@@ -156,6 +200,11 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         return {"status": "ok", "model": served.name, "task": served.task, "labels": served.labels,
                 "max_tokens_limit": max_tokens_limit if served.task == "chat" else None,
                 "api_key_required": api_key is not None}
+
+    @app.get("/v1/models")
+    def models():  # what OpenAI clients and chat UIs ask first
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": started,
+                                            "owned_by": "nlpkit"}]}
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -193,11 +242,12 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
                                 f"model's context of {served.max_length} tokens; shorten it or ask for fewer tokens",
                            param="messages", code="context_length_exceeded")
         stream = chat_batcher.submit(prompt["input_ids"][0].tolist(), wanted, body.temperature, body.top_p,
-                                     body.seed, loop=asyncio.get_running_loop())
+                                     body.seed, loop=asyncio.get_running_loop(), stop=body.stop_sequences())
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": completion_id, "created": created, "model": served.name}
         if body.stream:
-            return StreamingResponse(_sse(stream, head), media_type="text/event-stream",
+            usage_for = used if body.stream_options is not None and body.stream_options.include_usage else None
+            return StreamingResponse(_sse(stream, head, usage_for), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text = "".join([piece async for piece in stream])
         return {**head, "object": "chat.completion",
@@ -209,8 +259,9 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
     return app
 
 
-async def _sse(stream: ChatJob, head: dict):
-    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, then `data: [DONE]`."""
+async def _sse(stream: ChatJob, head: dict, prompt_tokens: int | None = None):
+    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, with prompt_tokens (include_usage) a
+    chunk with no choices and the token counts, then `data: [DONE]`."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         payload = {**head, "object": "chat.completion.chunk",
@@ -222,6 +273,10 @@ async def _sse(stream: ChatJob, head: dict):
         async for piece in stream:
             yield chunk({"content": piece})
         yield chunk({}, stream.finish_reason)
+        if prompt_tokens is not None:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": stream.completion_tokens,
+                     "total_tokens": prompt_tokens + stream.completion_tokens}
+            yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         stream.close()  # a client that disconnected mid-answer frees the model at the next token

@@ -84,7 +84,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     unwrapped = trainer.model.get_base_model() if cfg.peft is not None else trainer.model
     if report.is_main_process():
         unwrapped.generation_config.save_pretrained(output_dir)
-        if cfg.peft is not None:  # an adapter save has no config.json; load_adapter_run reads it
+        if cfg.peft is not None:  # an adapter save has no config.json; runs.load_model reads it
             unwrapped.config.save_pretrained(output_dir)
     task = {"format": fmt, "max_length": cfg.data.max_length, "bf16": bf16, "labels": None}
     datasets_used = [train_rows] + ([eval_rows] if eval_rows else [])

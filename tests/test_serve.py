@@ -6,7 +6,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from helpers import nlpkit
 from nlpkit.serve import create_app, load_served
 
 LABELS = ["negative", "positive"]
@@ -217,10 +216,43 @@ def test_unknown_path_is_404(chat_client):
     assert response.status_code == 404 and "error" in response.json()
 
 
-def test_serve_refuses_a_model_without_a_head(tiny_bert):
-    result = nlpkit("serve", tiny_bert)
-    assert result.code == 2
-    assert "no classification or language-model head" in result.stderr and "nlpkit finetune" in result.stderr
+def test_embeddings_of_an_encoder_and_of_a_classifier_run_are_nlpkit_embeds(tiny_bert, tiny_classifier):
+    """An encoder without a head serves /v1/embeddings (OpenAI's shape); a classifier run serves them from its own
+    encoder. The vectors are `nlpkit embed`'s: mean-pooled over real tokens, unit length."""
+    from nlpkit.embed import embed, load_encoder
+
+    texts = ["good food", "a much longer sentence about the weather today"]
+    encoder_client = TestClient(create_app(load_served(str(tiny_bert))))
+    assert encoder_client.get("/health").json()["task"] == "embed"
+    response = encoder_client.post("/v1/embeddings", json={"input": texts, "model": "any"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] > len(texts)
+    expected = embed(*load_encoder(str(tiny_bert)), texts)
+    got = torch.tensor([d["embedding"] for d in body["data"]])
+    assert torch.allclose(got, expected, atol=1e-5) and torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+    classifier_client = TestClient(create_app(load_served(str(tiny_classifier))))
+    single = classifier_client.post("/v1/embeddings", json={"input": "good food"}).json()["data"]
+    batched = classifier_client.post("/v1/embeddings", json={"input": texts}).json()["data"]
+    assert len(single) == 1 and torch.allclose(torch.tensor(single[0]["embedding"]),
+                                               torch.tensor(batched[0]["embedding"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input": []}, "input"),
+    ({"input": ["fine", ""]}, "input: 1 to"),
+    ({"input": "fine", "encoding_format": "base64"}, "encoding_format"),
+    ({"input": "fine", "dimensions": 8}, "dimensions: not supported by nlpkit serve"),
+])
+def test_bad_embeddings_requests_are_400(classify_client, body, message):
+    response = classify_client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400 and message in error_of(response)["message"], response.text
+
+
+def test_embeddings_of_a_causal_lm_point_to_chat(chat_client):
+    response = chat_client.post("/v1/embeddings", json={"input": "hello"})
+    assert response.status_code == 400 and "/v1/chat/completions" in error_of(response)["message"]
 
 
 def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):

@@ -107,6 +107,22 @@ def test_page_classifies_text(browser, tiny_bert, tmp_path):
         assert f"{expected['score']:.3f}" in answer.text
 
 
+def test_page_compares_texts_with_an_encoder(browser, tiny_bert, tmp_path):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from nlpkit.serve import create_app, load_served
+
+    app = create_app(load_served(str(tiny_bert)))  # an encoder without a head: the page's similarity box
+    texts = ["good food", "great food", "a cold rain"]
+    vectors = torch.tensor([d["embedding"] for d in TestClient(app).post("/v1/embeddings", json={"input": texts})
+                            .json()["data"]], dtype=torch.float64)  # as the page's JavaScript computes
+    with LiveServer(app) as url:
+        answer = submit_and_read_answer(browser, url, " | ".join(texts), _shot(tmp_path, "similarity"))
+        assert "error" not in answer.get_attribute("class")
+        assert answer.text.splitlines() == [f"{float(vectors[0] @ vectors[i]):.3f}  {texts[i]}" for i in (1, 2)]
+
+
 def _shot(tmp_path: Path, name: str) -> Path:
     folder = Path(os.environ.get("NLPKIT_SCREENSHOTS", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,25 @@ class Served:
     """A loaded model and what the endpoints need to know about it."""
 
     name: str
-    task: Literal["chat", "classify"]
+    task: Literal["chat", "classify", "embed"]  # embed: an encoder without a head (classifiers embed too)
     model: Any
     tokenizer: Any
     max_length: int  # classify: inputs are truncated to it; chat: the context window (prompt + answer)
     labels: list[str] = field(default_factory=list)  # classify; empty for a regression head
     problem_type: str = "single_label_classification"
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def embed_texts(served: Served, texts: list[str]) -> tuple[list[list[float]], int]:
+    """Unit-length mean-pooled embeddings of the served encoder (a classifier's own encoder, its head dropped), as
+    `nlpkit embed` computes them, and the number of tokens read."""
+    from nlpkit.embed import embed
+
+    model = served.model.get_base_model() if hasattr(served.model, "get_base_model") else served.model  # adapters on
+    with served.lock:
+        vectors = embed(model.base_model, served.tokenizer, texts, max_length=served.max_length)
+    tokens = sum(len(ids) for ids in served.tokenizer(texts, truncation=True, max_length=served.max_length)["input_ids"])
+    return vectors.tolist(), tokens
 
 
 def classify_texts(served: Served, texts: list[str]) -> list[dict]:

@@ -30,10 +30,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher, Served
+from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher, Served, embed_texts
 from nlpkit.errors import NlpkitError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ENDPOINTS = {"chat": "/v1/chat/completions", "classify": "/v1/classify and /v1/embeddings", "embed": "/v1/embeddings"}
 
 
 def load_served(ref: str) -> Served:
@@ -47,6 +48,11 @@ def load_served(ref: str) -> Served:
             return Served(ref, "classify", runs.load_model(run), runs.load_tokenizer(run), task["max_length"],
                           task["labels"] or [], task["problem_type"])
     kind = _model_kind(ref)
+    if kind == "embed":
+        from nlpkit.embed import load_encoder
+
+        encoder, tokenizer = load_encoder(ref)
+        return Served(ref, "embed", encoder, tokenizer, min(tokenizer.model_max_length, 512))
     if kind == "classify":
         from transformers import AutoModelForSequenceClassification
 
@@ -65,7 +71,7 @@ def load_served(ref: str) -> Served:
 
 
 def _model_kind(ref: str) -> str:
-    """Chat or classify, from the saved config's architectures; an encoder without a head can serve neither."""
+    """Chat, classify or embed, from the saved config's architectures."""
     from transformers import AutoConfig
 
     from nlpkit.models import resolve_model
@@ -75,9 +81,11 @@ def _model_kind(ref: str) -> str:
         return "classify"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "chat"
-    raise NlpkitError(f"MODEL {ref}: a {', '.join(architectures) or 'headless'} model has no classification or "
-                      "language-model head to serve; fine-tune a classifier first (nlpkit finetune "
-                      "recipes/classify-sst2.yaml) and serve the run directory, or try `nlpkit embed` for an encoder")
+    if not architectures or any(a.endswith("Model") for a in architectures):  # BertModel, MPNetModel: an encoder
+        return "embed"
+    raise NlpkitError(f"MODEL {ref}: a {', '.join(architectures)} model has no classification or language-model "
+                      "head and is no plain encoder; fine-tune a classifier (nlpkit finetune recipes/classify-sst2.yaml) "
+                      "and serve the run directory")
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -137,6 +145,14 @@ class ChatRequest(BaseModel):
 
     def stop_sequences(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # dimensions, ...: would change the vectors
+    input: str | list[str] = Field(min_length=1)  # a text, or a batch of texts
+    model: str | None = None
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -213,19 +229,32 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest):
         if served.task != "classify":
-            raise ApiError(400, f"{served.name} is a causal LM: it answers on /v1/chat/completions, not "
-                                "/v1/classify", code="wrong_endpoint")
+            raise ApiError(400, f"{served.name} answers on {ENDPOINTS[served.task]}, not /v1/classify",
+                           code="wrong_endpoint")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if len(texts) > max_batch:
             raise ApiError(400, f"input: {len(texts)} texts; at most {max_batch} per request", param="input")
         results = await asyncio.wrap_future(batcher.submit(texts))
         return {"object": "list", "model": served.name, "data": results}
 
+    @app.post("/v1/embeddings")
+    def embeddings(body: EmbeddingsRequest):
+        if served.task == "chat":
+            raise ApiError(400, f"{served.name} is a causal LM: it answers on /v1/chat/completions; serve an encoder "
+                                "(minilm) or a classifier run for embeddings", code="wrong_endpoint")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > max_batch or not all(texts):
+            raise ApiError(400, f"input: 1 to {max_batch} non-empty texts per request", param="input")
+        vectors, tokens = embed_texts(served, texts)
+        return {"object": "list", "model": served.name,
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):  # async: a waiting answer holds no thread, so any number can queue
         if served.task != "chat":
-            raise ApiError(400, f"{served.name} is a classifier: it answers on /v1/classify, not "
-                                "/v1/chat/completions", code="wrong_endpoint")
+            raise ApiError(400, f"{served.name} answers on {ENDPOINTS[served.task]}, not /v1/chat/completions",
+                           code="wrong_endpoint")
         wanted = body.max_completion_tokens or body.max_tokens or max_tokens_limit
         if wanted > max_tokens_limit:
             raise ApiError(400, f"max_tokens: {wanted} is above this server's limit of {max_tokens_limit} "
@@ -339,5 +368,5 @@ def run_server(served: Served, host: str, port: int, **limits) -> None:
     app = create_app(served, **limits)
     shown = f"[{host}]" if ":" in host else host
     report.info(f"serving {served.name} ({served.task}) on http://{shown}:{port}/ - the page at /, the API under /v1/ "
-                f"({'/v1/chat/completions' if served.task == 'chat' else '/v1/classify'}); Ctrl-C stops")
+                f"({ENDPOINTS[served.task]}); Ctrl-C stops")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -36,7 +36,8 @@ def embed_texts(served: Served, texts: list[str]) -> tuple[list[list[float]], in
     model = served.model.get_base_model() if hasattr(served.model, "get_base_model") else served.model  # adapters on
     with served.lock:
         vectors = embed(model.base_model, served.tokenizer, texts, max_length=served.max_length)
-    tokens = sum(len(ids) for ids in served.tokenizer(texts, truncation=True, max_length=served.max_length)["input_ids"])
+    encoded = served.tokenizer(texts, truncation=True, max_length=served.max_length)["input_ids"]
+    tokens = sum(len(ids) for ids in encoded)  # the usage OpenAI reports; embed() tokenizes in its own batches
     return vectors.tolist(), tokens
 
 

@@ -35,11 +35,11 @@ def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair
              label_column: str | None = None) -> dict:
     """A run of any stage, or a plain causal LM (anything that is not a run directory)."""
     if not runs.is_run(ref):
-        return lm_metrics(ref, data_spec, mirror=None)
+        return lm_metrics(ref, data_spec)
     run = runs.open_run(ref)
     mirror = run.recipe.data.mirror
     if run.is_causal_lm:
-        return lm_metrics(ref, data_spec, mirror)
+        return lm_metrics(ref, data_spec, run)
     if run.stage == "reward":
         from nlpkit.scoring import reward_run_metrics
 
@@ -149,17 +149,18 @@ def prefixed(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- causal LMs
 
 
-def lm_metrics(model_ref: str, data_spec: str, mirror: str | None) -> dict:
-    """Loss and perplexity on the trained-on tokens of an instruction file, for a run or any causal LM.
+def lm_metrics(model_ref: str, data_spec: str, run: runs.Run | None = None) -> dict:
+    """Loss and perplexity on the trained-on tokens of an instruction file, for a causal-LM run (`run`, opened) or
+    any causal LM (`model_ref`).
 
     The same SFTTrainer processing as training (template, masking, max_length), so a run evaluated on its own eval
     file reproduces its metrics.json, and a base model compares with it on equal terms.
     """
     from trl import SFTTrainer
 
-    run = runs.open_run(model_ref) if runs.is_run(model_ref) else None
+    mirror = run.recipe.data.mirror if run else None
     rows = open_source(data_spec, "test", "--data", mirror)  # a wrong path answers before a model loads
-    model, tokenizer = runs.load_causal_lm(model_ref)
+    model, tokenizer = (runs.load_model(run), runs.load_tokenizer(run)) if run else runs.load_causal_lm(model_ref)
     dataset = sft_dataset(rows, detect_sft_format(rows, "auto"), None, 0)
     bf16 = run.task["bf16"] if run else bf16_is_fast()
     with tempfile.TemporaryDirectory() as scratch:

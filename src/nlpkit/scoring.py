@@ -2,8 +2,9 @@
 
 A reward model is a `stage: reward` run (full or adapter) or any saved sequence classifier with num_labels=1; reward
 functions are `reward.function` specs (nlpkit/rewards.py). stages/ppo.py scores its rollouts and its before/after
-evaluation with the Scorer, stages/grpo.py hands it to trl as one reward function, and stages/reward.py reads pair
-accuracy with score_ids, so every path scores text the way the reward model was trained: at the EOS.
+evaluation with the Scorer, stages/grpo.py hands it to trl as one reward function, and pair_metrics (a reward run's
+end-of-run metrics and `nlpkit eval`) reads pair accuracy with score_ids, so every path scores text the way the
+reward model was trained: at the EOS.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ batched (batching.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ import uuid
 from importlib import resources
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI
 from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
@@ -151,7 +153,7 @@ class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # dimensions, ...: would change the vectors
     input: str | list[str] = Field(min_length=1)  # a text, or a batch of texts
     model: str | None = None
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes (the openai client's default)
     user: str | None = None
 
 
@@ -246,6 +248,8 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         if len(texts) > max_batch or not all(texts):
             raise ApiError(400, f"input: 1 to {max_batch} non-empty texts per request", param="input")
         vectors, tokens = embed_texts(served, texts)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         return {"object": "list", "model": served.name,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

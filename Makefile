@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(wildcard $(LOCK))
 
 demo: install
 	rm -rf runs/demo-sst2
-	$(BIN)/nlpkit finetune recipes/classify-sst2.yaml --output-dir runs/demo-sst2
+	$(BIN)/nlpkit finetune classify-sst2 --output-dir runs/demo-sst2
 
 test: install chromium
 	$(BIN)/python -m pytest

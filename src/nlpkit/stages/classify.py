@@ -1,7 +1,7 @@
 """BERT-style [CLS] sequence classification: binary, multi-class, multi-label and regression; texts or text pairs.
 
-    nlpkit finetune recipes/classify-sst2.yaml            # full fine-tuning
-    nlpkit finetune recipes/classify-sst2-lora.yaml       # LoRA adapters + the head; add --bits 4 for QLoRA
+    nlpkit finetune classify-sst2            # full fine-tuning
+    nlpkit finetune classify-sst2-lora       # LoRA adapters + the head; add --bits 4 for QLoRA
     nlpkit eval runs/classify-sst2 --data sst2:validation --json       # nlpkit/evaluate.py
 
 Fast on CPU by construction: dynamic padding with length-grouped batches (most SST-2 inputs are far shorter than a

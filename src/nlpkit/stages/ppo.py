@@ -1,7 +1,7 @@
 """RLHF with nlpkit's own PPO loop (trl deleted its PPOTrainer): a policy, a frozen reference, a reward, a value model.
 
-    nlpkit finetune recipes/reward-hh.yaml          # first: the reward model
-    nlpkit rlhf recipes/rlhf-hh-ppo.yaml            # then: PPO against it
+    nlpkit finetune reward-hh          # first: the reward model
+    nlpkit rlhf rlhf-hh-ppo            # then: PPO against it
     nlpkit chat runs/rlhf-hh-ppo --prompt "How do I stay safe online?"
 
 One update: sample `ppo.batch_size` prompts (split over the processes under --num-processes), generate responses

@@ -1,6 +1,6 @@
 """A reward model from preference pairs, with trl's RewardTrainer: a sequence classifier with one output (num_labels=1).
 
-    nlpkit finetune recipes/reward-hh.yaml
+    nlpkit finetune reward-hh
     nlpkit eval runs/reward-hh --data hh_rlhf:test --json        # pair accuracy and mean margin on any preference file
 
 Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is

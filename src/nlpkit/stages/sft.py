@@ -1,6 +1,6 @@
 """Instruction SFT of a causal LM with trl's SFTTrainer: loss on the answer and its EOS, nothing else by default.
 
-    nlpkit finetune recipes/sft-dolly-lora.yaml
+    nlpkit finetune sft-dolly-lora
     nlpkit chat runs/sft-dolly-lora --prompt "What is the capital of France?"
     nlpkit eval runs/sft-dolly-lora --data dolly:test --json         # nlpkit/evaluate.py
 

@@ -50,7 +50,7 @@ def trainer_kwargs(train, output_dir: Path, *, bf16: bool, has_eval: bool) -> di
         "fp16": train.bf16 == "auto" and gpu and not torch.cuda.is_bf16_supported(including_emulation=False),
         "use_cpu": not gpu,  # transformers refuses CPU bf16 autocast without it
         "eval_strategy": train.eval_strategy if has_eval else "no",
-        "report_to": "none",
+        "report_to": "none",  # train.report_to's trackers come as callbacks: tracker_callbacks (PPO drives the same)
         # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
         "save_total_limit": None,
         "logging_nan_inf_filter": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
@@ -306,10 +306,46 @@ def jsonl_log_callback(path: Path):
     return JsonlLog()
 
 
-def tensorboard_callback(output_dir: Path):
-    """Trainer's own TensorBoard callback, writing to OUTPUT_DIR/tensorboard (its default is under the checkpoints)."""
-    from transformers.integrations import TensorBoardCallback
+def tracker_callbacks(train, output_dir: Path) -> list:
+    """train.report_to as transformers' own integration callbacks: every Trainer stage passes them to its Trainer, and
+    the PPO loop drives the same ones (LoopTrackers). Nothing waits on a network unless you ask for one:
+    - tensorboard: events in OUTPUT_DIR/tensorboard (Trainer's default is under the checkpoints);
+    - mlflow: MLflow's own default store, sqlite `mlflow.db` in the working directory, unless MLFLOW_TRACKING_URI
+      (and MLFLOW_EXPERIMENT_NAME) say otherwise;
+    - wandb: WANDB_MODE=offline unless set (`wandb sync` uploads later); trackio: its local store unless
+      TRACKIO_SPACE_ID names a Space.
+    config.check_recipe has already refused a tracker that is not installed (exit 2 naming the extra)."""
+    import os
 
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(output_dir / "tensorboard")
-    return callback
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    if "wandb" in train.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    callbacks = [INTEGRATION_TO_CALLBACK[name]() for name in train.report_to]
+    for callback in callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(output_dir / "tensorboard")
+    return callbacks
+
+
+class LoopTrackers:
+    """The trackers of a loop that is not a Trainer (PPO): the same callbacks, given the TrainingArguments of the
+    train: section (so each tracker records the same parameters as for the other stages) and one log per update."""
+
+    def __init__(self, train, output_dir: Path, model, bf16: bool):
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        self.callbacks = tracker_callbacks(train, output_dir)
+        self.args = TrainingArguments(**trainer_kwargs(train, output_dir, bf16=bf16, has_eval=False))
+        self.state, self.control = TrainerState(), TrainerControl()
+        for callback in self.callbacks:
+            callback.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def log(self, step: int, logs: dict) -> None:
+        self.state.global_step = step
+        for callback in self.callbacks:
+            callback.on_log(self.args, self.state, self.control, logs=logs)
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_end(self.args, self.state, self.control)

@@ -71,7 +71,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: classification_scores(p.predictions, p.label_ids, labels, full=False),
-        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                   *training.tracker_callbacks(cfg.train, output_dir)],
     )
     metrics = training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:

@@ -307,8 +307,8 @@ def jsonl_log_callback(path: Path):
 
 
 def tracker_callbacks(train, output_dir: Path) -> list:
-    """train.report_to as transformers' own integration callbacks: every Trainer stage passes them to its Trainer, and
-    the PPO loop drives the same ones (LoopTrackers). Nothing waits on a network unless you ask for one:
+    """train.report_to as transformers' own integration callbacks, which every Trainer stage passes to its Trainer (the
+    PPO loop: LoopTrackers, with the same defaults). Nothing waits on a network unless you ask for one:
     - tensorboard: events in OUTPUT_DIR/tensorboard (Trainer's default is under the checkpoints);
     - mlflow: MLflow's own default store, sqlite `mlflow.db` in the working directory, unless MLFLOW_TRACKING_URI
       (and MLFLOW_EXPERIMENT_NAME) say otherwise;
@@ -329,23 +329,62 @@ def tracker_callbacks(train, output_dir: Path) -> list:
 
 
 class LoopTrackers:
-    """The trackers of a loop that is not a Trainer (PPO): the same callbacks, given the TrainingArguments of the
-    train: section (so each tracker records the same parameters as for the other stages) and one log per update."""
+    """train.report_to for the loop we own (PPO), through each tracker's own API: transformers' callbacks need
+    TrainingArguments, whose import brings peft and bitsandbytes (~50 MB a full-weight PPO run never uses). The same
+    defaults as tracker_callbacks; the parameters are the resolved recipe, flattened (ppo.kl_coef, train.seed, ...)."""
 
-    def __init__(self, train, output_dir: Path, model, bf16: bool):
-        from transformers import TrainerControl, TrainerState, TrainingArguments
+    def __init__(self, cfg, output_dir: Path):
+        import importlib
+        import os
 
-        self.callbacks = tracker_callbacks(train, output_dir)
-        self.args = TrainingArguments(**trainer_kwargs(train, output_dir, bf16=bf16, has_eval=False))
-        self.state, self.control = TrainerState(), TrainerControl()
-        for callback in self.callbacks:
-            callback.on_train_begin(self.args, self.state, self.control, model=model)
+        self.report_to = cfg.train.report_to
+        params = _flatten(cfg.model_dump(mode="json"))
+        name = output_dir.name
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def log(self, step: int, logs: dict) -> None:
-        self.state.global_step = step
-        for callback in self.callbacks:
-            callback.on_log(self.args, self.state, self.control, logs=logs)
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+                mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+            mlflow.start_run(run_name=name)
+            mlflow.log_params(params)
+        for tracker in {"wandb", "trackio"} & set(self.report_to):  # the same API: init, log, finish
+            if tracker == "wandb":
+                os.environ.setdefault("WANDB_MODE", "offline")
+            module = importlib.import_module(tracker)
+            module.init(project=os.environ.get(f"{tracker.upper()}_PROJECT", "nlpkit"), name=name, config=params)
+
+    def log(self, step: int, stats: dict) -> None:
+        stats = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "tensorboard" in self.report_to:
+            for key, value in stats.items():
+                self.writer.add_scalar(key, value, step)
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            mlflow.log_metrics(stats, step=step)
+        for tracker in {"wandb", "trackio"} & set(self.report_to):
+            __import__(tracker).log(stats, step=step)
 
     def close(self) -> None:
-        for callback in self.callbacks:
-            callback.on_train_end(self.args, self.state, self.control)
+        if "tensorboard" in self.report_to:
+            self.writer.close()
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            mlflow.end_run()
+        for tracker in {"wandb", "trackio"} & set(self.report_to):
+            __import__(tracker).finish()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

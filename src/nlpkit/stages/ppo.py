@@ -91,7 +91,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         first_update, episode, pool, kl_coef = load_checkpoint(checkpoint, **loop, kl_coef=kl_coef)
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
-    trackers = training.LoopTrackers(cfg.train, output_dir, policy, bf16) if main else None  # train.report_to
+    trackers = training.LoopTrackers(cfg, output_dir) if main else None  # train.report_to
     sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
     for update in range(first_update, updates + 1):
         chunk, pool = next_prompts(pool, order, train_prompts, ppo.batch_size)

@@ -5,7 +5,7 @@
 Both train LoRA (r=16, all linear layers) on SmolLM2-135M-Instruct over the same Dolly rows for the same number of
 steps at batch 8, and are evaluated on the same 50 test rows. The peer is `SFTTrainer(model, SFTConfig(...))` with
 trl's defaults for everything we do not need to match (gradient checkpointing on, random batch order, max_length
-1024); ours is `nlpkit finetune recipes/sft-dolly-lora.yaml` (length-grouped batches, no checkpointing: memory is
+1024); ours is `nlpkit finetune sft-dolly-lora` (length-grouped batches, no checkpointing: memory is
 not the limit at this size). Throughput counts non-pad tokens (trl's `num_tokens`). One run each; ratio printed.
 """
 

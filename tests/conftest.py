@@ -11,7 +11,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The data mirror: $NLPKIT_DATA_DIR where set (make sets it only where ../shared/data exists), else ../shared/data.
+SHARED_DATA = Path(os.environ.get("NLPKIT_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def corpus() -> list[str]:
@@ -88,7 +89,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATA} (a clone without ../shared beside it)")
+        pytest.skip(f"data mirror not found at {SHARED_DATA} (a clone without ../shared beside it and no "
+                    "NLPKIT_DATA_DIR): tests that read the real datasets skip")
     return SHARED_DATA
 
 

@@ -126,9 +126,14 @@ CASES = {
         lambda t, m: ["finetune", recipe(t, m, model={"name": str(t)})], "has no config.json"),
     "pickle-only model": (
         lambda t, m: ["finetune", recipe(t, m, model={"name": pickle_only_model(t)})], "only pickle weights"),
-    "catalog name without a mirror": (
+    "catalog name without a mirror, offline": (  # conftest sets HF_DATASETS_OFFLINE: the hub copy cannot load
         lambda t, m: ["finetune", recipe(t, m, data={"train": "ag_news", "eval": None, "mirror": None})],
-        "set NLPKIT_DATA_DIR"),
+        "fancyzhx/ag_news:train: could not load it from the hub (ConnectionError); set NLPKIT_DATA_DIR (or "
+        "data.mirror) to a data mirror holding ag_news/train.csv, or connect to the hub"),
+    "catalog name with no hub copy, without a mirror": (
+        lambda t, m: ["finetune", recipe(t, m, data={"train": "ppo_prompts", "eval": None, "mirror": None})],
+        "ppo_prompts: has no public hub copy, it is read from a data mirror only; set NLPKIT_DATA_DIR"),
+    "no such recipe": (lambda t, m: ["finetune", "clasify-sst2"], "did you mean 'classify-sst2'?"),
     "output directory in use": (
         lambda t, m: ["finetune", recipe(t, m), "--output-dir", FIXTURES], "already holds files"),
     "quant without peft": (

@@ -1,7 +1,5 @@
 """nlpkit plan on tiny models: parameter counts equal the built models', the memory parts follow the settings."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from test_classify import CASES, make_recipe
@@ -147,7 +145,7 @@ def test_an_8b_llama_with_lora_on_a_24gb_gpu_in_bf16_and_in_4_bit(tmp_path):
     model = tmp_path / "llama-8b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA_8B))
-    recipe = str(Path(__file__).parents[1] / "recipes" / "sft-dolly-lora.yaml")
+    recipe = "sft-dolly-lora"  # the shipped recipe, by name
     common = [recipe, f"model.name={model}", f"data.train={FIXTURES / 'instructions.jsonl'}", "--device", "cuda",
               "--memory", "24GB"]
     bf16 = plan_json(*common)

@@ -1,6 +1,7 @@
 """nlpkit's PPO on the offline toy of docs/ppo-checklist.md: a tiny policy learns to say "positive" words for a reward model trained on
 synthetic preferences. Plus the checklist items that need a model (numbers in brackets)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     assert scorer.score(batch, completions) == scores_before  # the reward did not
 
 
-def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
+def test_reward_function_alone_drives_ppo(tmp_path, toy_llama, monkeypatch):
     """reward.function without a reward model: the value model starts from the policy's base with a new head."""
     module = tmp_path / "count_reward.py"
     module.write_text(f"POSITIVE = set({POSITIVE!r})\n"
@@ -262,11 +263,29 @@ def test_reward_function_alone_drives_ppo(tmp_path, toy_llama):
     path = rlhf_recipe(tmp_path, toy_llama, None, total_episodes=32, eval_prompts=8)
     recipe = yaml.safe_load(Path(path).read_text())
     recipe["reward"] = {"function": f"{module}:positive_words"}
+    recipe["train"]["report_to"] = ["tensorboard", "mlflow"] if importlib.util.find_spec("mlflow") else ["tensorboard"]
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's default store: mlflow.db here
     result = nlpkit("rlhf", tmp_path / "fn.yaml", "--output-dir", tmp_path / "run", "--json")
     assert result.code == 0, result.stderr
     log = read_log(tmp_path / "run")
     assert len(log) == 2 and all(entry["objective/scores_without_penalty"] >= 0 for entry in log)
+
+    # train.report_to reaches our own loop too: every update's statistics, as in train_log.jsonl
+    from test_report import tensorboard_scalars
+
+    kl = [entry["objective/kl"] for entry in log]
+    assert tensorboard_scalars(tmp_path / "run" / "tensorboard")["objective/kl"] == pytest.approx(kl, rel=1e-5)
+    if "mlflow" in recipe["train"]["report_to"]:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+        params = run.data.params  # the resolved recipe, flattened
+        assert params["ppo.total_episodes"] == "32" and "count_reward.py:positive_words" in params["reward.function"]
+        history = client.get_metric_history(run.info.run_id, "objective/kl")
+        assert [m.step for m in history] == [1, 2] and [m.value for m in history] == pytest.approx(kl, rel=1e-5)
 
 
 def grpo_recipe(tmp_path, policy, algo: str, **train) -> Path:

@@ -87,7 +87,7 @@ ProcessesOpt = Annotated[Optional[int], typer.Option("--num-processes", help="Tr
 DistributedOpt = Annotated[Optional[str], typer.Option("--distributed", help="With --num-processes: ddp (default), "
                                                        "zero2, zero3 (DeepSpeed) or fsdp.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runs/<recipe name>.")]
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see `nlpkit recipes`).")]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, or a shipped recipe's name (`nlpkit recipes`).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.max_steps=50")]
 LoraOpt = Annotated[bool, typer.Option("--lora", help="Train LoRA adapters: same as peft.method=lora.")]
 BitsOpt = Annotated[Optional[int], typer.Option("--bits", help="Load the base in 4 or 8 bits: quant.bits=N.")]
@@ -369,15 +369,14 @@ def plan(
 
 
 @app.command()
-def recipes(as_json: JsonOpt = False):
-    """List the shipped recipes with what each trains."""
+def recipes(copy: Annotated[Optional[str], typer.Option("--copy", help="Write this shipped recipe out to edit.")] = None,
+            to: Annotated[Optional[Path], typer.Argument(help="With --copy: a folder or FILE.yaml (default: .)")] = None,
+            as_json: JsonOpt = False):
+    """List the shipped recipes (`nlpkit finetune NAME` runs one), or copy one out with --copy NAME [DIR]."""
+    from nlpkit import recipes as files  # yaml and pydantic: light
 
-    def work():
-        from nlpkit.recipes import shipped
-
-        return {"recipes": shipped()}
-
-    _execute(work, as_json, show=lambda r: [print(f"{k:40s} {v}") for k, v in r["recipes"].items()])
+    work = lambda: {"copied": str(files.copy_recipe(copy, to))} if copy else {"recipes": files.shipped()}  # noqa: E731
+    _execute(work, as_json, show=lambda r: [print(f"{k:24s} {v}") for k, v in r.get("recipes", r).items()])
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from typing import Any, Literal
 
@@ -86,6 +87,8 @@ class TrainSection(Section):
     packing: bool = False  # sft: pack examples into full-length rows (faster, mixes examples in one row)
     # NaN/inf gradients or a loss stuck at exactly 0: stop (exit 3, last good checkpoint kept) or only warn.
     watchdog: Literal["stop", "warn"] = "stop"
+    # Experiment trackers (transformers' integrations), local/offline unless you point them elsewhere (docs/outside.md).
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = ["tensorboard"]
     # Other TrainingArguments fields, passed through as they are; names are checked against the class.
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -285,6 +288,9 @@ def check_recipe(cfg: Recipe) -> list[str]:
                             "tokens, it wraps no layer); remove it or use lora/ia3")
     if cfg.quant is not None and cfg.quant.bits == 8 and cfg.quant.quant_type == "fp4":
         problems.append("quant.quant_type: fp4 is a 4-bit type; use bits=4 or drop quant_type")
+    missing = [name for name in train.report_to if importlib.util.find_spec(name) is None]  # installed, not imported
+    if missing:
+        problems.append(f"train.report_to: {missing[0]} is not installed; pip install \"nlpkit[{missing[0]}]\"")
     problems += _check_rlhf(cfg)
     problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields), stage=cfg.stage)
     return problems

@@ -1,8 +1,8 @@
 """Where a process stands: its rank, the world size, its device; gradient averaging; and several processes through
 accelerate: `--num-processes N [--distributed ddp|zero2|zero3|fsdp]`.
 
-    nlpkit finetune recipes/classify-sst2.yaml --num-processes 2                    # DDP: one process per GPU
-    nlpkit finetune recipes/sft-dolly-lora.yaml --num-processes 8 --distributed zero2
+    nlpkit finetune classify-sst2 --num-processes 2                    # DDP: one process per GPU
+    nlpkit finetune sft-dolly-lora --num-processes 8 --distributed zero2
     accelerate launch --config_file my.yaml -m nlpkit finetune RECIPE               # several machines
 
 The command checks the recipe and claims the output directory once, then runs itself again under `accelerate launch`

@@ -1,9 +1,9 @@
 """`nlpkit plan RECIPE`: the resolved config, parameter counts and a peak-memory estimate, without training.
 
-    nlpkit plan recipes/sft-dolly-lora.yaml
-    nlpkit plan recipes/classify-sst2.yaml --memory 1GB          # suggestions when it will not fit
-    nlpkit plan recipes/classify-sst2.yaml --num-processes 2      # global batch and per-process memory under DDP
-    nlpkit plan recipes/sft-dolly-lora.yaml --device cuda --memory 24GB   # GPU memory, weights as a GPU loads them
+    nlpkit plan sft-dolly-lora
+    nlpkit plan classify-sst2 --memory 1GB          # suggestions when it will not fit
+    nlpkit plan classify-sst2 --num-processes 2      # global batch and per-process memory under DDP
+    nlpkit plan sft-dolly-lora --device cuda --memory 24GB   # GPU memory, weights as a GPU loads them
 
 The estimate adds up, from first principles, what a training process holds at its peak (the first steps: Trainer's
 length-grouped sampler serves the longest batch first):

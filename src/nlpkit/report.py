@@ -163,7 +163,9 @@ def write_run(output_dir: Path, cfg, metrics: dict, *, task: dict, datasets: lis
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in throughput(metrics)},
         "output_dir": str(output_dir),
         "plots": pictures,
-        "tensorboard": f"tensorboard --logdir {output_dir / 'tensorboard'}",
+        "trackers": cfg.train.report_to,
+        "tensorboard": f"tensorboard --logdir {output_dir / 'tensorboard'}" if "tensorboard" in cfg.train.report_to
+        else None,
         "next": next_commands(cfg.stage, output_dir),
     }
     write_json(output_dir / "metrics.json", metrics)
@@ -212,8 +214,11 @@ def print_summary(summary: dict) -> None:
     info(f"  {'peak memory (RSS)':30s} {summary['peak_memory_mb']:.0f} MB")
     info(f"  {'wall time':30s} {summary['wall_seconds']:.1f} s")
     info(f"saved to {summary['output_dir']}/: model, tokenizer, metrics.json, train_log.jsonl, "
-         f"{', '.join(summary['plots'] + ['tensorboard/', 'README.md', MANIFEST])}")
-    info(f"plots over time: {summary['tensorboard']}")
+         f"{', '.join(summary['plots'] + ['tensorboard/'] * bool(summary['tensorboard']) + ['README.md', MANIFEST])}")
+    if summary["tensorboard"]:
+        info(f"plots over time: {summary['tensorboard']}")
+    if set(summary["trackers"]) - {"tensorboard"}:
+        info(f"also logged to: {', '.join(t for t in summary['trackers'] if t != 'tensorboard')} (docs/outside.md)")
     for command in summary["next"]:
         info(f"next: {command}")
 

@@ -86,7 +86,7 @@ def _model_kind(ref: str) -> str:
     if not architectures or any(a.endswith("Model") for a in architectures):  # BertModel, MPNetModel: an encoder
         return "embed"
     raise NlpkitError(f"MODEL {ref}: a {', '.join(architectures)} model has no classification or language-model "
-                      "head and is no plain encoder; fine-tune a classifier (nlpkit finetune recipes/classify-sst2.yaml) "
+                      "head and is no plain encoder; fine-tune a classifier (nlpkit finetune classify-sst2) "
                       "and serve the run directory")
 
 

@@ -50,7 +50,7 @@ def trainer_kwargs(train, output_dir: Path, *, bf16: bool, has_eval: bool) -> di
         "fp16": train.bf16 == "auto" and gpu and not torch.cuda.is_bf16_supported(including_emulation=False),
         "use_cpu": not gpu,  # transformers refuses CPU bf16 autocast without it
         "eval_strategy": train.eval_strategy if has_eval else "no",
-        "report_to": "none",
+        "report_to": "none",  # train.report_to's trackers come as callbacks: tracker_callbacks (PPO drives the same)
         # Trainer would delete old checkpoints before the new one is committed (training.py): we rotate after.
         "save_total_limit": None,
         "logging_nan_inf_filter": False,  # Trainer would log a NaN loss as the mean of earlier ones: show it
@@ -306,10 +306,85 @@ def jsonl_log_callback(path: Path):
     return JsonlLog()
 
 
-def tensorboard_callback(output_dir: Path):
-    """Trainer's own TensorBoard callback, writing to OUTPUT_DIR/tensorboard (its default is under the checkpoints)."""
-    from transformers.integrations import TensorBoardCallback
+def tracker_callbacks(train, output_dir: Path) -> list:
+    """train.report_to as transformers' own integration callbacks, which every Trainer stage passes to its Trainer (the
+    PPO loop: LoopTrackers, with the same defaults). Nothing waits on a network unless you ask for one:
+    - tensorboard: events in OUTPUT_DIR/tensorboard (Trainer's default is under the checkpoints);
+    - mlflow: MLflow's own default store, sqlite `mlflow.db` in the working directory, unless MLFLOW_TRACKING_URI
+      (and MLFLOW_EXPERIMENT_NAME) say otherwise;
+    - wandb: WANDB_MODE=offline unless set (`wandb sync` uploads later); trackio: its local store unless
+      TRACKIO_SPACE_ID names a Space.
+    config.check_recipe has already refused a tracker that is not installed (exit 2 naming the extra)."""
+    import os
 
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(output_dir / "tensorboard")
-    return callback
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    if "wandb" in train.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    callbacks = [INTEGRATION_TO_CALLBACK[name]() for name in train.report_to]
+    for callback in callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(output_dir / "tensorboard")
+    return callbacks
+
+
+class LoopTrackers:
+    """train.report_to for the loop we own (PPO), through each tracker's own API: transformers' callbacks need
+    TrainingArguments, whose import brings peft and bitsandbytes (~50 MB a full-weight PPO run never uses). The same
+    defaults as tracker_callbacks; the parameters are the resolved recipe, flattened (ppo.kl_coef, train.seed, ...)."""
+
+    def __init__(self, cfg, output_dir: Path):
+        import importlib
+        import os
+
+        self.report_to = cfg.train.report_to
+        params = _flatten(cfg.model_dump(mode="json"))
+        name = output_dir.name
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+                mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+            mlflow.start_run(run_name=name)
+            mlflow.log_params(params)
+        for tracker in {"wandb", "trackio"} & set(self.report_to):  # the same API: init, log, finish
+            if tracker == "wandb":
+                os.environ.setdefault("WANDB_MODE", "offline")
+            module = importlib.import_module(tracker)
+            module.init(project=os.environ.get(f"{tracker.upper()}_PROJECT", "nlpkit"), name=name, config=params)
+
+    def log(self, step: int, stats: dict) -> None:
+        stats = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "tensorboard" in self.report_to:
+            for key, value in stats.items():
+                self.writer.add_scalar(key, value, step)
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            mlflow.log_metrics(stats, step=step)
+        for tracker in {"wandb", "trackio"} & set(self.report_to):
+            __import__(tracker).log(stats, step=step)
+
+    def close(self) -> None:
+        if "tensorboard" in self.report_to:
+            self.writer.close()
+        if "mlflow" in self.report_to:
+            import mlflow
+
+            mlflow.end_run()
+        for tracker in {"wandb", "trackio"} & set(self.report_to):
+            __import__(tracker).finish()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

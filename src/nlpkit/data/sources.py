@@ -3,8 +3,9 @@ name the file and line of every row.
 
 A data source is written as one string:
 - a file (.csv .tsv .jsonl .json .parquet) or a folder holding `<split>.<ext>` files;
-- a catalog name (`sst2`, `ag_news`, `dolly`, `gsm8k`, `hh_rlhf`, `ppo_prompts`), read from the mirror folder
-  (`data.mirror` or $NLPKIT_DATA_DIR) when one is set, else from its hub id;
+- a catalog name (`sst2`, `ag_news`, `dolly`, `gsm8k`, `hh_rlhf`, `ppo_prompts`, `mbpp`), read from the mirror folder
+  (`data.mirror` or $NLPKIT_DATA_DIR) when one is set, else from its public hub copy (HUB_COPIES), mapped to the
+  mirror's columns, labels and splits;
 - a hub id `owner/name`.
 Append `:split` to pick a split (`sst2:validation`); files and folders take the split from their own name.
 """
@@ -17,8 +18,9 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from nlpkit.errors import NlpkitError
 
@@ -32,29 +34,112 @@ class CatalogEntry:
     folder: str  # folder under the mirror
     files: dict[str, str]  # split -> file in that folder
     eval_split: str | None  # the split a recipe evaluates on by default
-    hub_id: str | None  # only where the hub copy has the mirror's layout; None = mirror only
     columns: dict[str, str] = field(default_factory=dict)  # role (text, text_pair, label) -> column
     label_names: dict[str, str] | None = None  # raw label -> name
 
 
 CATALOG = {
     "sst2": CatalogEntry(
-        "sst2", {"train": "train.tsv", "validation": "validation.tsv"}, "validation", "stanfordnlp/sst2",
+        "sst2", {"train": "train.tsv", "validation": "validation.tsv"}, "validation",
         {"text": "sentence", "label": "label"}, {"0": "negative", "1": "positive"},
     ),
     "ag_news": CatalogEntry(
         # The mirror keeps the original AG layout: labels 1-4, title and description in separate columns.
-        "ag_news", {"train": "train.csv", "test": "test.csv"}, "test", None,
+        "ag_news", {"train": "train.csv", "test": "test.csv"}, "test",
         {"text": "title", "text_pair": "description", "label": "label"},
         {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"},
     ),
-    "dolly": CatalogEntry(
-        "dolly_open_qa", {"train": "train.jsonl", "test": "test.jsonl"}, "test", "databricks/databricks-dolly-15k"
-    ),
-    "gsm8k": CatalogEntry("gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}, "test", None),
-    "hh_rlhf": CatalogEntry("hh_rlhf_harmless", {"train": "train.jsonl", "test": "test.jsonl"}, "test", None),
-    "ppo_prompts": CatalogEntry("ppo_prompts", {"train": "prompts.jsonl"}, None, None),
+    "dolly": CatalogEntry("dolly_open_qa", {"train": "train.jsonl", "test": "test.jsonl"}, "test"),
+    "gsm8k": CatalogEntry("gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}, "test"),
+    "hh_rlhf": CatalogEntry("hh_rlhf_harmless", {"train": "train.jsonl", "test": "test.jsonl"}, "test"),
+    "ppo_prompts": CatalogEntry("ppo_prompts", {"train": "prompts.jsonl"}, None),
 }
+CATALOG["mbpp"] = CatalogEntry(  # (branch mbpp adds this entry too: keep one)
+    "mbpp", {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "prompt": "prompt.jsonl"},
+    "test")
+
+
+# ---------------------------------------------------------------------------------------------- hub copies
+# Without a mirror, a catalog name loads its public hub copy and maps it to the mirror's layout, so recipes, label
+# names and metrics are the same either way (docs/outside.md):
+#
+# | name        | hub copy (load_dataset arguments)               | mapped to the mirror's layout                      |
+# |-------------|-------------------------------------------------|----------------------------------------------------|
+# | sst2        | stanfordnlp/sst2                                | sentence, label 0/1 (idx dropped)                  |
+# | ag_news     | fancyzhx/ag_news                                | label 0-3 -> 1-4 (World, Sports, Business,         |
+# |             |                                                 | Sci/Tech); `text` is title and description joined  |
+# | dolly       | databricks/databricks-dolly-15k (train only)    | open_qa only, instruction + response, duplicate    |
+# |             |                                                 | instructions dropped, 200 seeded rows -> test      |
+# | gsm8k       | openai/gsm8k, name="main"                       | question, answer (as is)                           |
+# | hh_rlhf     | Anthropic/hh-rlhf, data_dir="harmless-base"     | split at the last "\n\nAssistant:": prompt,        |
+# |             |                                                 | chosen, rejected, chosen_full, rejected_full       |
+# | mbpp        | google-research-datasets/mbpp, name="full"      | as is (train, validation, test, prompt)            |
+# | ppo_prompts | none (a mix made for the mirror): mirror only   |                                                    |
+
+
+@dataclass(frozen=True)
+class HubCopy:
+    hub_id: str
+    splits: dict[str, str]  # catalog split -> the hub split its rows come from
+    options: dict = field(default_factory=dict)  # more load_dataset keywords (name=, data_dir=)
+    to_mirror: Callable[[list[dict], str], list[dict]] | None = None  # hub rows of a split -> the mirror's rows
+    columns: dict[str, str] | None = None  # role -> column where they differ from the mirror's (CatalogEntry)
+
+
+def _keep(*names: str):
+    return lambda rows, split: [{name: row[name] for name in names} for row in rows]
+
+
+def _ag_news(rows: list[dict], split: str) -> list[dict]:
+    # The hub numbers the labels 0-3; the mirror (and the catalog's label names) 1-4, as the original AG files.
+    return [{"text": row["text"], "label": row["label"] + 1} for row in rows]
+
+
+DOLLY_TEST_ROWS, DOLLY_SEED = 200, 11  # as the mirror's test split was drawn (its README)
+
+
+def _dolly(rows: list[dict], split: str) -> list[dict]:
+    """The open_qa category, duplicate instructions dropped, and a seeded 200-row test split: the hub has one split."""
+    seen, kept = set(), []
+    for row in rows:
+        key = row["instruction"].strip().lower()
+        if row["category"] == "open_qa" and key not in seen:
+            seen.add(key)
+            kept.append({"instruction": row["instruction"], "response": row["response"]})
+    random.Random(DOLLY_SEED).shuffle(kept)
+    return kept[:DOLLY_TEST_ROWS] if split == "test" else kept[DOLLY_TEST_ROWS:]
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def _hh_rlhf(rows: list[dict], split: str) -> list[dict]:
+    """Full transcripts -> the shared prompt and the two final replies; pairs whose prompts differ are dropped."""
+    pairs = []
+    for row in rows:
+        chosen_cut = row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
+        rejected_cut = row["rejected"].rfind(ASSISTANT) + len(ASSISTANT)
+        prompt = row["chosen"][:chosen_cut]
+        if chosen_cut >= len(ASSISTANT) and prompt == row["rejected"][:rejected_cut]:
+            pairs.append({"prompt": prompt, "chosen": row["chosen"][chosen_cut:],
+                          "rejected": row["rejected"][rejected_cut:], "chosen_full": row["chosen"],
+                          "rejected_full": row["rejected"]})
+    return pairs
+
+
+HUB_COPIES = {
+    "sst2": HubCopy("stanfordnlp/sst2", {"train": "train", "validation": "validation"},
+                    to_mirror=_keep("sentence", "label")),
+    "ag_news": HubCopy("fancyzhx/ag_news", {"train": "train", "test": "test"}, to_mirror=_ag_news,
+                       columns={"text": "text", "label": "label"}),
+    "dolly": HubCopy("databricks/databricks-dolly-15k", {"train": "train", "test": "train"}, to_mirror=_dolly),
+    "gsm8k": HubCopy("openai/gsm8k", {"train": "train", "test": "test"}, {"name": "main"},
+                     to_mirror=_keep("question", "answer")),
+    "hh_rlhf": HubCopy("Anthropic/hh-rlhf", {"train": "train", "test": "test"}, {"data_dir": "harmless-base"},
+                       to_mirror=_hh_rlhf),
+}
+HUB_COPIES["mbpp"] = HubCopy("google-research-datasets/mbpp", {s: s for s in ("train", "validation", "test", "prompt")},
+                             {"name": "full"})
 
 
 @dataclass
@@ -114,17 +199,15 @@ def mirror_dir(setting: str | None) -> Path | None:
 
 
 def _read_catalog(name: str, split: str, key: str, mirror: str | None) -> Rows:
-    entry = CATALOG[name]
-    root = mirror_dir(mirror)
-    if root is None and entry.hub_id is None:
-        raise NlpkitError(f"{key} {name}: read from a data mirror; set NLPKIT_DATA_DIR (or data.mirror) to the folder "
-                          f"that holds {entry.folder}/")
-    if root is None:
-        rows = _read_hub(entry.hub_id, split, key)
-        rows.catalog = entry
-        return rows
+    entry, hub = CATALOG[name], HUB_COPIES.get(name)
     if split not in entry.files:
         raise NlpkitError(f"{key} {name}:{split}: {name} has no split {split!r}; splits: {', '.join(entry.files)}")
+    root = mirror_dir(mirror)
+    if root is None and hub is None:
+        raise NlpkitError(f"{key} {name}: has no public hub copy, it is read from a data mirror only; set "
+                          f"NLPKIT_DATA_DIR (or data.mirror) to the folder that holds {entry.folder}/")
+    if root is None:
+        return _read_hub_copy(name, entry, hub, split, key)
     path = root / entry.folder / entry.files[split]
     if not path.is_file():
         raise NlpkitError(
@@ -136,19 +219,54 @@ def _read_catalog(name: str, split: str, key: str, mirror: str | None) -> Rows:
     return rows
 
 
-def _read_hub(hub_id: str, split: str, key: str) -> Rows:
+def _read_hub_copy(name: str, entry: CatalogEntry, hub: HubCopy, split: str, key: str) -> Rows:
+    """No mirror: the public hub copy, mapped to the mirror's columns, labels and splits. Offline: one line naming
+    both ways to get the data."""
+    mirror_way = f"set NLPKIT_DATA_DIR (or data.mirror) to a data mirror holding {entry.folder}/{entry.files[split]}"
+    rows = _read_hub(hub.hub_id, hub.splits[split], key, hub.options, fix=f"{mirror_way}, or connect to the hub")
+    if hub.to_mirror is not None:
+        rows.rows = hub.to_mirror(rows.rows, split)
+    if not rows.rows:
+        raise NlpkitError(f"{key} {name}:{split}: no rows left in the hub copy {hub.hub_id}; {mirror_way}")
+    where = f"{hub.hub_id}:{split}" + "".join(f" {k}={v}" for k, v in hub.options.items())
+    rows.name = rows.fingerprint = where
+    rows.catalog = replace(entry, columns=hub.columns) if hub.columns else entry
+    return rows
+
+
+def _read_hub(hub_id: str, split: str, key: str, options: dict | None = None,
+              fix: str = "offline, point NLPKIT_DATA_DIR at a data mirror or use a local file") -> Rows:
     import datasets
 
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise NlpkitError(f"{key} {hub_id}:{split}: could not load it from the hub ({unreachable}); {fix}")
     try:
-        dataset = datasets.load_dataset(hub_id, split=split)
+        dataset = datasets.load_dataset(hub_id, split=split, **(options or {}))
     except Exception as e:  # the hub client raises many types; offline machines land here
-        raise NlpkitError(
-            f"{key} {hub_id}:{split}: could not load it from the hub ({type(e).__name__}); offline, point "
-            "NLPKIT_DATA_DIR at a data mirror or use a local file"
-        ) from None
+        raise NlpkitError(f"{key} {hub_id}:{split}: could not load it from the hub ({type(e).__name__}); "
+                          f"{fix}") from None
     if len(dataset) == 0:
         raise NlpkitError(f"{key} {hub_id}:{split}: no rows; a dataset must hold at least one example")
     return Rows(dataset.to_list(), f"{hub_id}:{split}", None, f"{hub_id}:{split}")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, found in 3 s at most: load_dataset would retry for ~25 s, with a warning a
+    retry, before failing. None where it answers, or in offline mode (HF_HUB_OFFLINE: load_dataset reads its cache)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return f"{url.hostname} unreachable"
+    return None
 
 
 def _split_file(folder: Path, split: str, key: str) -> Path:

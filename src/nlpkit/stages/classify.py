@@ -1,7 +1,7 @@
 """BERT-style [CLS] sequence classification: binary, multi-class, multi-label and regression; texts or text pairs.
 
-    nlpkit finetune recipes/classify-sst2.yaml            # full fine-tuning
-    nlpkit finetune recipes/classify-sst2-lora.yaml       # LoRA adapters + the head; add --bits 4 for QLoRA
+    nlpkit finetune classify-sst2            # full fine-tuning
+    nlpkit finetune classify-sst2-lora       # LoRA adapters + the head; add --bits 4 for QLoRA
     nlpkit eval runs/classify-sst2 --data sst2:validation --json       # nlpkit/evaluate.py
 
 Fast on CPU by construction: dynamic padding with length-grouped batches (most SST-2 inputs are far shorter than a
@@ -71,7 +71,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: classification_scores(p.predictions, p.label_ids, labels, full=False),
-        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                   *training.tracker_callbacks(cfg.train, output_dir)],
     )
     metrics = training.fit(trainer, cfg, checkpoint)
     if eval_set is not None:

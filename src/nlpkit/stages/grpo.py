@@ -1,6 +1,6 @@
 """RLHF with trl's GRPO or RLOO (`algo: grpo` / `algo: rloo` in a stage: rlhf recipe), with nlpkit's scoring.
 
-    nlpkit rlhf recipes/rlhf-gsm8k-grpo.yaml
+    nlpkit rlhf rlhf-gsm8k-grpo
 
 The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
 reward function, which avoids trl's traps on this stack (docs/stack-notes.md trap 7): the reward model is never given to
@@ -60,7 +60,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         model=resolve_model(cfg.model.name, cfg.model.allow_pickle), reward_funcs=[reward], args=args,
         train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config(cfg.peft, "CAUSAL_LM") if cfg.peft is not None else None,
-        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl")],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                   *training.tracker_callbacks(cfg.train, output_dir)],
     )
     metrics = training.fit(trainer, cfg, checkpoint, supervised=False)
     history = [entry for entry in trainer.state.log_history if "reward" in entry]

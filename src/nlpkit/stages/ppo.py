@@ -1,7 +1,7 @@
 """RLHF with nlpkit's own PPO loop (trl deleted its PPOTrainer): a policy, a frozen reference, a reward, a value model.
 
-    nlpkit finetune recipes/reward-hh.yaml          # first: the reward model
-    nlpkit rlhf recipes/rlhf-hh-ppo.yaml            # then: PPO against it
+    nlpkit finetune reward-hh          # first: the reward model
+    nlpkit rlhf rlhf-hh-ppo            # then: PPO against it
     nlpkit chat runs/rlhf-hh-ppo --prompt "How do I stay safe online?"
 
 One update: sample `ppo.batch_size` prompts (split over the processes under --num-processes), generate responses
@@ -91,6 +91,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         first_update, episode, pool, kl_coef = load_checkpoint(checkpoint, **loop, kl_coef=kl_coef)
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
+    trackers = training.LoopTrackers(cfg, output_dir) if main else None  # train.report_to
     sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
     for update in range(first_update, updates + 1):
         chunk, pool = next_prompts(pool, order, train_prompts, ppo.batch_size)
@@ -113,6 +114,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         samples = gather(sample_rows(update, batch, rollout)) if sampled(update, updates, ppo) else []
         if main:
             log_update(log_path, samples_path, update, updates, stats, samples, ppo.batch_size)
+            trackers.log(update, stats)
             if save_every and update % save_every == 0 and update < updates:
                 save_checkpoint(output_dir, cfg, update, episode, pool, **loop, kl_coef=kl_coef)
 
@@ -126,6 +128,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                                                          stop_ids, bf16, device).items()}
         metrics["eval_score_gain"] = metrics["eval_score_after"] - metrics["eval_score_before"]
         metrics["eval_prompts"] = len(eval_prompts)
+    trackers.log(updates, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    trackers.close()
     save_policy(output_dir, cfg, policy, tokenizer, context_length)
     task = {"prompt_column": column, "stop_token_ids": stop_ids, "bf16": bf16, "labels": None,
             "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)}

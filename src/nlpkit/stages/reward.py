@@ -1,6 +1,6 @@
 """A reward model from preference pairs, with trl's RewardTrainer: a sequence classifier with one output (num_labels=1).
 
-    nlpkit finetune recipes/reward-hh.yaml
+    nlpkit finetune reward-hh
     nlpkit eval runs/reward-hh --data hh_rlhf:test --json        # pair accuracy and mean margin on any preference file
 
 Rows are explicit (prompt, chosen, rejected) or implicit (chosen, rejected: full texts sharing a prefix). The loss is
@@ -54,7 +54,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=datasets.Dataset.from_dict(pair_ids(tokenizer, train_pairs,
                                                                               cfg.data.max_length)),
-                            callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl")])
+                            callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                                       *training.tracker_callbacks(cfg.train, output_dir)])
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_pairs": len(trainer.train_dataset)}
     if eval_pairs is not None:
         metrics |= pair_metrics(trainer.model, tokenizer, eval_pairs, cfg.data.max_length,

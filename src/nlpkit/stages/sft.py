@@ -1,6 +1,6 @@
 """Instruction SFT of a causal LM with trl's SFTTrainer: loss on the answer and its EOS, nothing else by default.
 
-    nlpkit finetune recipes/sft-dolly-lora.yaml
+    nlpkit finetune sft-dolly-lora
     nlpkit chat runs/sft-dolly-lora --prompt "What is the capital of France?"
     nlpkit eval runs/sft-dolly-lora --data dolly:test --json         # nlpkit/evaluate.py
 
@@ -54,7 +54,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     trainer = SFTTrainer(
         model=model, args=args,
         train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                   *training.tracker_callbacks(cfg.train, output_dir)],
     )
     check_trained_tokens(trainer.train_dataset, len(train_set), train_rows.name, cfg.data.max_length)
 

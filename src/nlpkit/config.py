@@ -228,7 +228,7 @@ class GRPOSection(Section):
 # stage -> trl's loss_type names (tests/test_dpo.py checks them against trl); simpo is CPO with loss_type simpo.
 LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
-              "kto": ("kto", "apo_zero_unpaired"), "simpo": ("simpo",), "orpo": ()}
+              "kto": ("kto", "apo_zero_unpaired"), "orpo": (), "simpo": ("simpo",)}
 PREFERENCE_STAGES = tuple(LOSS_TYPES)  # trl's preference trainers, all in stages/dpo.py (docs/preference.md)
 
 

@@ -334,6 +334,55 @@ RLHF_CASES = {
 }
 
 
+def dpo_recipe(tmp, policy, rows: str, stage: str = "dpo", **sections) -> str:
+    """A tiny preference recipe on `rows` (JSONL text)."""
+    raw = {"stage": stage, "model": {"name": str(policy)}, "data": {"train": write(tmp, "prefs.jsonl", rows)},
+           "train": {"max_steps": 1, "per_device_train_batch_size": 2, "bf16": False}, **sections}
+    path = tmp / "dpo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+PAIR = '{"prompt": "hi", "chosen": " hello", "rejected": " go away"}\n'
+# id -> (argv builder(tmp, tiny chat llama), text the error line must hold)
+DPO_CASES = {
+    "dpo rows without chosen/rejected": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR + '{"prompt": "hi", "completion": " hello"}\n')],
+        "prefs.jsonl line 2: 'chosen' is missing; preference rows need prompt, chosen, rejected"),
+    "chosen equal to rejected on every row": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, '{"prompt": "hi", "chosen": " yes", "rejected": " yes"}\n' * 2)],
+        "prefs.jsonl: chosen and rejected are the same text in every row, so there is no preference to learn"),
+    "unknown dpo loss type": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR), "dpo.loss_type=sigmod"],
+        "dpo.loss_type: 'sigmod' is not a loss of stage dpo (trl's: sigmoid, hinge, ipo"),
+    "kto rows without a label": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, '{"prompt": "hi", "completion": " hello"}\n', stage="kto")],
+        "prefs.jsonl line 1: 'label' is missing; kto rows need prompt, completion, label"),
+    "dpo beta not above 0": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR), "dpo.beta=0"],
+        "dpo.beta: input should be greater than 0 (got 0)"),
+    "loss type on orpo, which has one": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR, stage="orpo"), "dpo.loss_type=sigmoid"],
+        "dpo.loss_type: stage orpo has one loss, no choice of it"),
+    "dpo section on another stage": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR, stage="sft"), "dpo.beta=0.2"],
+        "dpo: only used by stages dpo, kto, orpo, simpo"),
+    "dpo extra key checked against DPOConfig": (
+        lambda t, p: ["finetune", dpo_recipe(t, p, PAIR), "train.extra.label_smothing=0.1"],
+        "train.extra.label_smothing: not a DPOConfig field; did you mean 'label_smoothing'?"),
+}
+
+
+@pytest.mark.parametrize("case", DPO_CASES)
+def test_bad_preference_input_exits_2_with_one_clear_line(case, tmp_path, tiny_llama):
+    build, expected = DPO_CASES[case]
+    result = nlpkit(*build(tmp_path, tiny_llama), "--output-dir", str(tmp_path / "run"))
+    assert result.code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert not (tmp_path / "run" / "nlpkit_run.json").exists()
+
 @pytest.mark.parametrize("case", RLHF_CASES)
 def test_bad_rlhf_input_exits_2_with_one_clear_line(case, tmp_path, tiny_llama):
     build, expected = RLHF_CASES[case]

@@ -35,7 +35,7 @@ def test_shipped_recipes_validate_and_document_themselves(path):
     cfg = load_recipe(path)
     header = path.read_text().splitlines()[:4]
     assert header[0].startswith("# ") and any(line.startswith("# Run:") for line in header)
-    assert cfg.stage in ("classify", "sft", "reward", "rlhf")
+    assert cfg.stage in ("classify", "sft", "reward", "rlhf", "dpo", "kto", "orpo", "simpo")
 
 
 def test_a_shipped_recipe_is_found_by_name_and_a_path_still_works(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from test_classify import CASES, make_recipe
+from test_dpo import dpo_recipe
 from test_reward import reward_recipe
 from test_sft import sft_recipe
 
@@ -42,6 +43,8 @@ def recipe_for(stage, tmp_path, model) -> str:
         recipe, rows, global_batch = make_recipe(tmp_path, model, CASES["multiclass"][0]), 32, 16
     elif stage == "reward":
         recipe, rows, global_batch = reward_recipe(tmp_path, model), 64, 16
+    elif stage == "dpo":  # full fine-tuning: the reference is a frozen copy in each process
+        recipe, rows, global_batch = dpo_recipe(tmp_path, model, peft=False), 8, 4
     else:
         recipe, rows, global_batch = sft_recipe(tmp_path, model), 10, 10  # the fixture's 10 rows each step
     raw = yaml.safe_load(Path(recipe).read_text())
@@ -64,8 +67,8 @@ def step_losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-MODELS = {"classify": "bert_without_dropout", "sft": "tiny_llama", "reward": "toy_llama"}
-PER_PROCESS = {"classify": 8, "sft": 5, "reward": 8}  # with 2 processes; 1 process takes twice as many
+MODELS = {"classify": "bert_without_dropout", "sft": "tiny_llama", "reward": "toy_llama", "dpo": "tiny_llama"}
+PER_PROCESS = {"classify": 8, "sft": 5, "reward": 8, "dpo": 2}  # with 2 processes; 1 process takes twice as many
 
 
 @pytest.mark.parametrize("stage", MODELS)

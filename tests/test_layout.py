@@ -17,7 +17,7 @@ LAYERS = [
     ["adapters", "training"],
     ["scoring", "ppo", "ppo.rollout", "ppo.update", "ppo.checkpoint"],
     ["evaluate", "data.check", "embed", "chat", "batching", "plan"],
-    ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "quantize", "serve"],
+    ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "stages.dpo", "quantize", "serve"],
     ["cli", "__main__"],
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

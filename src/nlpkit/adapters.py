@@ -23,7 +23,8 @@ MERGE_CHECK_TEXTS = {
                "Human: Tell me a joke.\n\nAssistant: No."],
     "sft": ["What is the capital of France?", "Give me three tips for staying healthy."],
 }
-MERGE_CHECK_TEXTS["rlhf"] = MERGE_CHECK_TEXTS["sft"]
+for _stage in ("rlhf", "dpo", "kto", "orpo", "simpo"):  # causal LMs, like sft's
+    MERGE_CHECK_TEXTS[_stage] = MERGE_CHECK_TEXTS["sft"]
 
 
 def peft_config(section: PeftSection, task_type: str):

@@ -35,6 +35,7 @@ STAGES = {  # a recipe's stage (rlhf: with its algo) -> the module whose run(cfg
     "rlhf/ppo": "nlpkit.stages.ppo",  # nlpkit's own loop
     "rlhf/grpo": "nlpkit.stages.grpo",  # trl's GRPOTrainer and RLOOTrainer, with nlpkit's scoring
     "rlhf/rloo": "nlpkit.stages.grpo",
+    **dict.fromkeys(("dpo", "kto", "orpo", "simpo"), "nlpkit.stages.dpo"),  # trl's preference trainers
 }
 
 # A full disk or a read-only or forbidden output directory: the user's to fix, not a bug.

@@ -1,20 +1,19 @@
-"""THE schema: one pydantic model for every stage, the rules that span sections, and did-you-mean errors.
+"""THE schema: one pydantic model for every stage, and the rules that span sections.
 
-Every problem is collected and reported at once as `dotted.key: problem (got X); did you mean Y?`. Reading recipe
-files and applying KEY=VALUE overrides: recipes.py.
+Every problem is collected and reported at once as `dotted.key: problem (got X); did you mean Y?` (the wording:
+errors.py). Reading recipe files and applying KEY=VALUE overrides: recipes.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib
 import importlib.util
-import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nlpkit.errors import NlpkitError
+from nlpkit.errors import NlpkitError, describe_validation, did_you_mean
 
 
 class Section(BaseModel):
@@ -229,8 +228,24 @@ class GRPOSection(Section):
     beta: float = Field(0.04, gt=0)  # KL to the reference; trl's GRPO default is 0 (no reference at all)
 
 
+# stage -> trl's loss_type names (tests/test_dpo.py checks them against trl); simpo is CPO with loss_type simpo.
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+              "kto": ("kto", "apo_zero_unpaired"), "orpo": (), "simpo": ("simpo",)}
+PREFERENCE_STAGES = tuple(LOSS_TYPES)  # trl's preference trainers, all in stages/dpo.py (docs/preference.md)
+
+
+class DPOSection(Section):
+    # Names copy DPOConfig; other fields of the stage's trl config (label_smoothing, loss_weights, desirable_weight,
+    # simpo_gamma, ...) pass through train.extra, checked by name. loss_type default: the trainer's (sigmoid, kto, simpo).
+    loss_type: str | list[str] | None = None  # dpo: a list is summed (weights: train.extra.loss_weights)
+    beta: float = Field(0.1, gt=0)  # higher = closer to the reference; orpo: the odds-ratio weight (lambda)
+    # Reference log-probs computed once before training: no reference model held while training (full fine-tuning).
+    precompute_ref_log_probs: bool = False
+
+
 class Recipe(Section):
-    stage: Literal["classify", "sft", "reward", "rlhf"]
+    stage: Literal["classify", "sft", "reward", "rlhf", "dpo", "kto", "orpo", "simpo"]
     # rlhf: ppo is nlpkit's own loop (the ppo: section); grpo and rloo run trl's trainers (the grpo: section).
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -242,6 +257,7 @@ class Recipe(Section):
     reward: RewardSection | None = None  # rlhf: where scores come from
     ppo: PPOSection | None = None  # rlhf: PPO settings (absent = defaults)
     grpo: GRPOSection | None = None  # rlhf with algo grpo or rloo (absent = defaults)
+    dpo: DPOSection | None = None  # dpo, kto, orpo, simpo (absent = defaults)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -251,7 +267,7 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     try:
         cfg = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise NlpkitError("\n".join(f"{source}: {line}" for line in _describe(e))) from None
+        raise NlpkitError("\n".join(f"{source}: {line}" for line in describe_validation(e, Recipe))) from None
     problems = check_recipe(cfg)
     if problems:
         raise NlpkitError("\n".join(f"{source}: {p}" for p in problems))
@@ -291,7 +307,7 @@ def check_recipe(cfg: Recipe) -> list[str]:
     missing = [name for name in train.report_to if importlib.util.find_spec(name) is None]  # installed, not imported
     if missing:
         problems.append(f"train.report_to: {missing[0]} is not installed; pip install \"nlpkit[{missing[0]}]\"")
-    problems += _check_rlhf(cfg)
+    problems += _check_rlhf(cfg) + _check_preference(cfg)
     problems += _check_extra(train.extra, modeled=set(TrainSection.model_fields), stage=cfg.stage)
     return problems
 
@@ -343,53 +359,32 @@ def _check_rlhf(cfg: Recipe) -> list[str]:
     return problems
 
 
+def _check_preference(cfg: Recipe) -> list[str]:
+    if cfg.stage not in PREFERENCE_STAGES:
+        return [f"dpo: only used by stages {', '.join(PREFERENCE_STAGES)} (this recipe is stage: {cfg.stage}); "
+                "remove it"] if cfg.dpo is not None else []
+    given, allowed = (cfg.dpo or DPOSection()).loss_type, LOSS_TYPES[cfg.stage]
+    if given is not None and not allowed:
+        return [f"dpo.loss_type: stage {cfg.stage} has one loss, no choice of it (got {given!r}); remove it"]
+    unknown = [name for name in ([given] if isinstance(given, str) else given or []) if name not in allowed]
+    return [f"dpo.loss_type: {name!r} is not a loss of stage {cfg.stage} (trl's: {', '.join(allowed)})"
+            f"{did_you_mean(name, allowed)}" for name in unknown[:1]]
+
+
+TRAINER_CONFIGS = {"reward": "trl:RewardConfig", "dpo": "trl:DPOConfig", "kto": "trl:KTOConfig",
+                   "orpo": "trl.experimental.orpo:ORPOConfig", "simpo": "trl.experimental.cpo:CPOConfig"}
+
+
 def _check_extra(extra: dict, modeled: set[str], stage: str) -> list[str]:
     if not extra:
         return []
-    from transformers import TrainingArguments  # heavy import, only when extra keys are given
-
-    target = TrainingArguments
-    if stage == "reward":
-        from trl import RewardConfig  # center_rewards_coefficient and friends
-
-        target = RewardConfig
+    module, name = TRAINER_CONFIGS.get(stage, "transformers:TrainingArguments").split(":")
+    target = getattr(importlib.import_module(module), name)  # a heavy import, only when extra keys are given
     allowed = {f.name for f in dataclasses.fields(target) if f.init}
     problems = []
     for key in extra:
         if key in modeled:
             problems.append(f"train.extra.{key}: set it as train.{key}, not under train.extra")
         elif key not in allowed:
-            problems.append(f"train.extra.{key}: not a {target.__name__} field{_did_you_mean(key, allowed)}")
+            problems.append(f"train.extra.{key}: not a {target.__name__} field{did_you_mean(key, allowed)}")
     return problems
-
-
-def _describe(error: ValidationError) -> list[str]:
-    lines = []
-    for err in error.errors():
-        loc = [str(part) for part in err["loc"]]
-        key = ".".join(loc)
-        if err["type"] == "extra_forbidden":
-            known = _fields_at(loc[:-1])
-            lines.append(f"{key}: unknown key{_did_you_mean(loc[-1], known)}")
-        elif err["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
-        else:
-            lines.append(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})")
-    return lines
-
-
-def _fields_at(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        # An optional section (`PPOSection | None`) names its fields like a required one.
-        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""

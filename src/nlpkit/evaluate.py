@@ -4,6 +4,7 @@
     nlpkit eval runs/sft-dolly-lora --data dolly:test --json         # loss and perplexity on the answer tokens
     nlpkit eval smollm2-135m --data dolly:test --json                # the same for a base model, to compare
     nlpkit eval runs/reward-hh --data hh_rlhf:test --json            # pair accuracy and mean margin
+    nlpkit eval runs/dpo-hh --data hh_rlhf:test --json               # the same, by implicit reward (dpo/kto/orpo/simpo)
 
 Each evaluation processes the file exactly as training processed its eval split (tokenization, template, masking,
 batches), so a run evaluated on its own eval file reproduces its metrics. The training stages call these functions
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nlpkit import runs, training
+from nlpkit.config import PREFERENCE_STAGES
 from nlpkit.data import (
     LabelSpace,
     classification_examples,
@@ -38,6 +40,10 @@ def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair
         return lm_metrics(ref, data_spec)
     run = runs.open_run(ref)
     mirror = run.recipe.data.mirror
+    if run.stage in PREFERENCE_STAGES:
+        from nlpkit.scoring import preference_run_metrics
+
+        return preference_run_metrics(run, data_spec, mirror)
     if run.is_causal_lm:
         return lm_metrics(ref, data_spec, run)
     if run.stage == "reward":

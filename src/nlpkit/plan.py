@@ -31,9 +31,11 @@ from __future__ import annotations
 import re
 
 from nlpkit import report
-from nlpkit.config import PROMPT_METHODS, Recipe
+from nlpkit.config import PREFERENCE_STAGES, PROMPT_METHODS, Recipe
 from nlpkit.errors import NlpkitError
 from nlpkit.models import HEAD_MODULES, bf16_is_fast, resolve_model, weights_dtype
+
+LM_STAGES = ("sft", *PREFERENCE_STAGES)  # causal LMs; a preference row is estimated as one sequence, not two
 
 MB = 1024 * 1024
 
@@ -92,7 +94,7 @@ def estimate_memory(cfg: Recipe, shape: dict, *, framework_mb: float, data_mb: f
     ddp_buckets = 4 * trainable if num_processes > 1 else 0
     tokens = cfg.train.per_device_train_batch_size * cfg.data.max_length
     layer = layer_activation_bytes(cfg, shape, tokens, bf16)
-    logits = lm_head_bytes(shape, tokens, bf16) if cfg.stage == "sft" else 0
+    logits = lm_head_bytes(shape, tokens, bf16) if cfg.stage in LM_STAGES else 0
     recompute = 0.0
     if checkpointing(cfg):
         # Each layer keeps only its fp32 input; backward recomputes one layer at a time. The head's tiles are freed
@@ -192,7 +194,7 @@ def model_shape(cfg: Recipe, num_labels: int, device: str = "cpu") -> dict:
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    auto = AutoModelForCausalLM if cfg.stage == "sft" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if cfg.stage in LM_STAGES else AutoModelForSequenceClassification
     if cfg.stage == "classify":
         config.num_labels = max(num_labels, 1)
     with init_empty_weights():
@@ -280,8 +282,8 @@ def _import_stage_libraries(stage: str) -> float:
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - every run writes TensorBoard events
     from transformers import Trainer  # noqa: F401
 
-    if stage == "sft":
-        from trl import SFTTrainer  # noqa: F401
+    if stage in LM_STAGES:
+        from trl import SFTTrainer  # noqa: F401 - the preference trainers import as much
     return _rss_mb()
 
 

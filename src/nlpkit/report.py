@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from nlpkit.distributed import is_main_process
-from nlpkit.runs import MANIFEST, write_json, write_manifest
+from nlpkit.runs import CAUSAL_LM_STAGES, MANIFEST, write_json, write_manifest
 
 # soft_wrap: an error stays one line, whatever the width; emoji=False: "sst2:train" must not print as a train emoji
 console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
@@ -196,7 +196,7 @@ def _program() -> str:
 
 
 def next_commands(stage: str, output_dir: Path) -> list[str]:
-    if stage == "sft":
+    if stage in CAUSAL_LM_STAGES:
         return [f'nlpkit chat {output_dir} --prompt "What is the capital of France?"', f"nlpkit serve {output_dir}"]
     return [f"nlpkit eval {output_dir} --data FILE --json", f"nlpkit serve {output_dir}"]
 
@@ -315,7 +315,7 @@ def model_card(manifest: dict, metrics: dict) -> str:
     labels = manifest["task"].get("labels")
     adapter = cfg["peft"]["method"] if cfg.get("peft") else "none (full fine-tuning)"
     quant = f"{cfg['quant']['bits']}-bit" if cfg.get("quant") else "no"
-    if cfg["stage"] == "sft":
+    if cfg["stage"] in CAUSAL_LM_STAGES:
         what = f"- Format: {manifest['task'].get('format')}"
         use = """```bash
 nlpkit chat path/to/this/folder --prompt "What is the capital of France?"

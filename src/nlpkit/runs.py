@@ -15,14 +15,15 @@ from pathlib import Path
 
 from nlpkit import models
 from nlpkit.config import ModelSection, Recipe, validate_recipe
-from nlpkit.distributed import place
+from nlpkit.distributed import place, process_device
 from nlpkit.errors import NlpkitError
 
 MANIFEST = "nlpkit_run.json"
 # What each stage's model is, as a transformers auto class: an rlhf run saves its policy, a causal LM like sft's.
 AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "reward": "AutoModelForSequenceClassification",
-                "sft": "AutoModelForCausalLM", "rlhf": "AutoModelForCausalLM"}
-CAUSAL_LM_STAGES = ("sft", "rlhf")
+                "sft": "AutoModelForCausalLM", "rlhf": "AutoModelForCausalLM", "dpo": "AutoModelForCausalLM",
+                "kto": "AutoModelForCausalLM", "orpo": "AutoModelForCausalLM", "simpo": "AutoModelForCausalLM"}
+CAUSAL_LM_STAGES = ("sft", "rlhf", "dpo", "kto", "orpo", "simpo")
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,31 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False, **kwargs):
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the recipe's quant section says how the base loads
     # Merging (dequantize) folds the adapter into fp32 weights, so the merged model equals what was trained.
-    base = models.load_model(run.auto_class, cfg.model, quant=cfg.quant, frozen=True, config=config,
-                             **({"dtype": torch.float32} if dequantize else {}) | kwargs)
+    base = load_start(cfg.model, run.auto_class, quant=cfg.quant, frozen=True, config=config,
+                      **({"dtype": torch.float32} if dequantize else {}) | kwargs)
     if dequantize and cfg.quant is not None:
         base = base.dequantize(dtype=torch.float32)
     if (run.path / "generation_config.json").is_file():  # the run's generation settings, not the base model's
         base.generation_config = GenerationConfig.from_pretrained(run.path)
     return place(PeftModel.from_pretrained(base, run.path)).eval()
+
+
+def load_start(model_cfg, auto_class, *, quant=None, frozen: bool = False, **kwargs):
+    """The model a run starts from: model.name as any reference (models.load_model), or a finished run of the same
+    model class, with its adapter merged in. Merged, that run's model is the new run's base: its adapter (dpo on an
+    sft run) trains on top and is disabled to give exactly the starting model, the reference."""
+    if not is_run(model_cfg.name):
+        return models.load_model(auto_class, model_cfg, quant=quant, frozen=frozen, **kwargs)
+    start = open_run(model_cfg.name)
+    if start.auto_class is not auto_class or quant is not None:
+        raise NlpkitError(f"model.name {model_cfg.name}: a {start.stage} run, which cannot start this one"
+                          f"{' with quant (merge it first: nlpkit merge)' if quant is not None else ''}")
+    if not start.has_adapter:
+        return models.load_model(auto_class, ModelSection(name=str(start.path)), frozen=frozen, **kwargs)
+    kwargs.pop("config", None)  # the merged model's own config: the started run's
+    dtype = kwargs.pop("dtype", None) or models.weights_dtype(model_cfg.dtype, frozen, process_device().type)
+    model = load_model(start, dequantize=True, **kwargs).merge_and_unload()  # in fp32, then as the recipe says
+    return model.to(dtype).requires_grad_(not frozen)
 
 
 def load_tokenizer(run: Run):

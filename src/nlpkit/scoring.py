@@ -4,7 +4,8 @@ A reward model is a `stage: reward` run (full or adapter) or any saved sequence 
 functions are `reward.function` specs (nlpkit/rewards.py). stages/ppo.py scores its rollouts and its before/after
 evaluation with the Scorer, stages/grpo.py hands it to trl as one reward function, and pair_metrics (a reward run's
 end-of-run metrics and `nlpkit eval`) reads pair accuracy with score_ids, so every path scores text the way the
-reward model was trained: at the EOS.
+reward model was trained: at the EOS. A dpo/kto/orpo/simpo policy has an implicit reward instead (its log-prob ratio
+to the reference): preference_metrics reads the same pair accuracy and margin from it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from nlpkit import runs
 from nlpkit.adapters import apply_peft
-from nlpkit.config import PeftSection, Recipe
+from nlpkit.config import DPOSection, PeftSection, Recipe
 from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, distinct_pad
-from nlpkit.data import open_source, pair_ids, preference_columns
+from nlpkit.data import chat_reply_ids, open_source, pair_ids, preference_chats, preference_columns
+from nlpkit.distributed import place
 from nlpkit.rewards import call_reward_function, load_reward_function
 
 
@@ -143,7 +145,86 @@ def pair_metrics(model, tokenizer, pairs: dict[str, list], max_length: int, batc
 
     model.eval()
     ids = pair_ids(tokenizer, pairs, max_length)
-    chosen, rejected = scores(ids["chosen_ids"]), scores(ids["rejected_ids"])
+    return pair_summary(scores(ids["chosen_ids"]), scores(ids["rejected_ids"]))
+
+
+def pair_summary(chosen: list[float], rejected: list[float]) -> dict:
+    """Pair accuracy and mean margin of chosen over rejected scores. Ties count as wrong: a model that scores
+    everything alike has accuracy 0, not 0.5."""
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"eval_pair_accuracy": sum(m > 0 for m in margins) / len(margins),
             "eval_mean_margin": sum(margins) / len(margins), "eval_pairs": len(margins)}
+
+
+# ---------------------------------------------------------------------------------------------- implicit rewards
+
+
+def implicit_pair_metrics(policy: tuple[list, list], reference: tuple[list, list] | None, beta: float) -> dict:
+    """pair_summary of the implicit rewards of a preference-trained policy, from the (chosen, rejected) log-probs of
+    policy and reference: beta * (log pi - log pi_ref), as trl's DPO and KTO define it; beta * log pi (mean per token)
+    for orpo and simpo, which have no reference (reference None)."""
+    reference = reference or ([0.0] * len(policy[0]), [0.0] * len(policy[1]))
+    chosen, rejected = ([beta * (p - r) for p, r in zip(pi, ref)] for pi, ref in zip(policy, reference))
+    return pair_summary(chosen, rejected)
+
+
+def preference_metrics(policy, tokenizer, chats: dict[str, list], *, stage: str, beta: float, max_length: int,
+                       batch_size: int, bf16: bool, reference=None) -> dict:
+    """Implicit-reward pair accuracy and mean margin on conversational preference rows (data.preference_chats),
+    tokenized as trl's trainers tokenize them, for a dpo/kto/orpo/simpo policy. The reference: `reference`, else
+    (dpo, kto) the policy with its adapter disabled. As trl does, pairs whose prompt fills max_length are left out."""
+    pairs = [tuple(chat_reply_ids(tokenizer, prompt, reply, max_length) for reply in (chosen, rejected))
+             for prompt, chosen, rejected in zip(chats["prompt"], chats["chosen"], chats["rejected"])]
+    pairs = [pair for pair in pairs if len(pair[0][0]) < max_length]
+    if not pairs:
+        raise NlpkitError(f"every pair's prompt fills data.max_length={max_length}; raise it")
+    average = stage in ("orpo", "simpo")  # their rewards are beta x the mean log-prob per reply token
+
+    def logps(model) -> tuple[list, list]:
+        return tuple(reply_logps(model, [pair[k] for pair in pairs], tokenizer.pad_token_id, bf16, average,
+                                 batch_size) for k in (0, 1))
+
+    policy.eval()
+    scores = logps(policy)
+    if average:
+        return implicit_pair_metrics(scores, None, beta)
+    if reference is None:
+        with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
+            return implicit_pair_metrics(scores, logps(policy), beta)
+    return implicit_pair_metrics(scores, logps(reference.eval()), beta)
+
+
+def reply_logps(model, ids: list[tuple[list[int], list[int]]], pad_id: int, bf16: bool, average: bool,
+                batch_size: int) -> list[float]:
+    """log pi(reply | prompt) of (prompt ids, reply ids) pairs, summed over the reply's tokens (mean with average)."""
+    import torch
+
+    device, out = next(model.parameters()).device, []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(p) + len(r) for p, r in chunk)
+        tokens, mask, reply = (torch.zeros(len(chunk), width, dtype=torch.long) for _ in range(3))
+        for i, (p, r) in enumerate(chunk):
+            tokens[i] = torch.tensor(p + r + [pad_id] * (width - len(p) - len(r)))
+            mask[i, :len(p) + len(r)], reply[i, len(p):len(p) + len(r)] = 1, 1
+        tokens, mask, reply = tokens.to(device), mask.to(device), reply[:, 1:].to(device)
+        with torch.inference_mode(), autocast(bf16, device):
+            logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()
+        per_token = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * reply
+        total = per_token.sum(-1)
+        out += (total / reply.sum(-1).clamp(min=1) if average else total).tolist()
+    return out
+
+
+def preference_run_metrics(run: runs.Run, data_spec: str, mirror: str | None) -> dict:
+    """`nlpkit eval` of a dpo/kto/orpo/simpo run on a preference file: the keys of its metrics.json."""
+    rows = open_source(data_spec, "test", "--data", mirror)
+    chats, _ = preference_chats(rows)
+    cfg = run.recipe
+    # A full fine-tune's reference is the model it started from; an adapter's is its run with the adapter disabled.
+    reference = None if run.has_adapter or run.stage in ("orpo", "simpo") else \
+        place(runs.load_start(cfg.model, run.auto_class, frozen=True))
+    return preference_metrics(runs.load_model(run), runs.load_tokenizer(run), chats, stage=run.stage,
+                              beta=(cfg.dpo or DPOSection()).beta, max_length=run.task["max_length"],
+                              batch_size=cfg.train.per_device_eval_batch_size, bf16=run.task["bf16"],
+                              reference=reference)

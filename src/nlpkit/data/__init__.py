@@ -5,10 +5,13 @@ The names below are the package's interface; each lives in the module named besi
 
 from nlpkit.data.formats import (  # noqa: F401
     LabelSpace,
+    chat_reply_ids,
     classification_examples,
     detect_sft_format,
     infer_label_space,
+    kto_chats,
     pair_ids,
+    preference_chats,
     preference_columns,
     prompt_column,
     prompt_records,

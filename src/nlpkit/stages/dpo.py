@@ -1,0 +1,138 @@
+"""Preference optimization on trl's trainers, from the same pairs as a reward model but with no reward model and no
+sampling: DPO (and its loss variants: IPO, hinge, robust, ...), KTO, ORPO and SimPO. One stage each, one file.
+
+    nlpkit finetune recipes/dpo-hh.yaml                   # stage: dpo   (trl's DPOTrainer)
+    nlpkit finetune recipes/kto-hh.yaml                   # stage: kto   (KTOTrainer: good/bad rows; pairs split)
+    nlpkit finetune recipes/orpo-hh.yaml                  # stage: orpo  (trl.experimental's ORPOTrainer)
+    nlpkit finetune recipes/dpo-hh.yaml stage=simpo       # stage: simpo (trl.experimental's CPOTrainer, loss simpo)
+    nlpkit eval runs/dpo-hh --data hh_rlhf:test --json    # implicit-reward pair accuracy and mean margin
+    nlpkit chat runs/dpo-hh --prompt "How do I stay safe online?"
+
+Rows are rendered with the model's chat template as SFT renders them (data.preference_chats: HH transcripts become
+turns), so `nlpkit chat` asks the tuned model exactly as training showed it. The reference (dpo, kto): with LoRA the
+policy with its adapter disabled (trl's own way: one base in memory); without, a frozen copy of the starting model,
+or its log-probs computed once before training (dpo.precompute_ref_log_probs). ORPO and SimPO have no reference.
+model.name may be an sft run: its adapter is merged into its base first (runs.load_start), so the reference is the
+sft model itself and the new adapter trains on top; continuing the sft adapter instead would make the disabled
+adapter, hence the reference, the model before sft. The model is saved before the end-of-run evaluation, so a
+failure there never loses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from pathlib import Path
+
+from nlpkit import report, runs, training
+from nlpkit.adapters import apply_peft
+from nlpkit.config import DPOSection, Recipe
+from nlpkit.data import default_eval_source, kto_chats, open_source, preference_chats, subsample
+from nlpkit.errors import NlpkitError
+from nlpkit.models import bf16_is_fast, chat_tokenizer, load_tokenizer
+from nlpkit.scoring import preference_metrics
+
+# stage -> trl module, trainer, config. trl marks ORPO and CPO (SimPO) experimental.
+TRAINERS = {"dpo": ("trl", "DPOTrainer", "DPOConfig"), "kto": ("trl", "KTOTrainer", "KTOConfig"),
+            "orpo": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
+            "simpo": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig")}
+REFERENCED = ("dpo", "kto")  # the stages whose loss compares the policy with a reference
+
+
+def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, set_seed
+
+    started = time.time()
+    checkpoint = training.resume_point(output_dir, cfg, resume)
+    set_seed(cfg.train.seed)
+    dpo = cfg.dpo or DPOSection()
+    tokenizer = chat_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template)
+    train_rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
+    if cfg.stage == "kto":  # shuffled once here: trl's KTO reads rows in order (its KL term pairs neighbours)
+        train_set = datasets.Dataset.from_dict(subsample(kto_chats(train_rows), cfg.data.max_train_samples,
+                                                         cfg.train.seed)).shuffle(seed=cfg.train.seed)
+    else:
+        pairs, same = preference_chats(train_rows)
+        if same:
+            report.warn(f"{train_rows.name}: {same} pair(s) whose chosen and rejected are the same text left out")
+        train_set = datasets.Dataset.from_dict(subsample(pairs, cfg.data.max_train_samples, cfg.train.seed))
+    eval_spec = cfg.data.eval or default_eval_source(cfg.data.train)
+    eval_rows = open_source(eval_spec, "test", "data.eval", cfg.data.mirror) if eval_spec else None
+    # Pair accuracy needs pairs: a kto eval file of unpaired rows has none.
+    eval_pairs = subsample(preference_chats(eval_rows)[0], cfg.data.max_eval_samples, cfg.train.seed) \
+        if eval_rows and "chosen" in eval_rows.rows[0] else None
+
+    model = runs.load_start(cfg.model, AutoModelForCausalLM, quant=cfg.quant, frozen=cfg.peft is not None)
+    model.generation_config.no_repeat_ngram_size = cfg.generation.no_repeat_ngram_size  # saved with the run
+    reference = None
+    if cfg.peft is not None:
+        model = apply_peft(model, cfg.peft, task_type="CAUSAL_LM")  # reference: this model, adapter disabled
+    else:
+        report.print_parameters(model)
+        if cfg.stage in REFERENCED and not dpo.precompute_ref_log_probs:
+            # Built here, not by trl: trl would reload the policy from its path, which a model built in memory or
+            # merged from an sft run does not have.
+            reference = copy.deepcopy(model).requires_grad_(False).eval()
+    bf16 = bf16_is_fast() if cfg.train.bf16 == "auto" else cfg.train.bf16
+    module, trainer_name, config_name = TRAINERS[cfg.stage]
+    trl_module = importlib.import_module(module)
+    args = getattr(trl_module, config_name)(**trainer_arguments(cfg, dpo, output_dir, bf16))
+    trainer = getattr(trl_module, trainer_name)(
+        model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
+        **({"ref_model": reference} if cfg.stage in REFERENCED else {}),
+    )
+    check_rows_kept(len(trainer.train_dataset), len(train_set), train_rows.name, cfg.data.max_length)
+
+    metrics = {**training.fit(trainer, cfg, checkpoint), "train_rows": len(trainer.train_dataset)}
+    trainer.save_model(str(output_dir))  # first: model or adapter, tokenizer with its chat template
+    unwrapped = trainer.model.get_base_model() if cfg.peft is not None else trainer.model
+    if report.is_main_process():
+        unwrapped.generation_config.save_pretrained(output_dir)
+        if cfg.peft is not None:  # an adapter save has no config.json; runs.load_model reads it
+            unwrapped.config.save_pretrained(output_dir)
+    if eval_pairs is not None:
+        if cfg.stage in REFERENCED and cfg.peft is None and reference is None:  # precomputed: load it for the eval
+            reference = runs.load_start(cfg.model, AutoModelForCausalLM, frozen=True).to(unwrapped.device)
+        metrics |= preference_metrics(trainer.model, tokenizer, eval_pairs, stage=cfg.stage, beta=dpo.beta,
+                                      max_length=cfg.data.max_length, batch_size=cfg.train.per_device_eval_batch_size,
+                                      bf16=bf16, reference=reference)
+        report.info(f"implicit-reward pair accuracy {metrics['eval_pair_accuracy']:.3f}, mean margin "
+                    f"{metrics['eval_mean_margin']:.3f} on {metrics['eval_pairs']} held-out pairs")
+    task = {"format": "kto" if cfg.stage == "kto" else "preference", "max_length": cfg.data.max_length, "bf16": bf16,
+            "labels": None}
+    report.write_run(output_dir, cfg, metrics, task=task, datasets=[train_rows] + ([eval_rows] if eval_rows else []),
+                     started=started)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def trainer_arguments(cfg: Recipe, dpo: DPOSection, output_dir: Path, bf16: bool) -> dict:
+    """The train: and dpo: sections as keywords of the stage's trl config; train.extra wins (fields we do not model,
+    such as label_smoothing, loss_weights, desirable_weight or simpo_gamma)."""
+    kwargs = training.trainer_kwargs(cfg.train, output_dir, bf16=bf16, has_eval=False)
+    # Length grouping reads an input_ids column, which preference rows do not have; KTO needs its rows in order.
+    kwargs["train_sampling_strategy"] = "sequential" if cfg.stage == "kto" else (
+        "random" if kwargs["train_sampling_strategy"] == "group_by_length" else kwargs["train_sampling_strategy"])
+    fields = {"beta": dpo.beta, "max_length": cfg.data.max_length}
+    if cfg.stage in REFERENCED:
+        fields["precompute_ref_log_probs"] = dpo.precompute_ref_log_probs
+    if dpo.loss_type is not None:
+        fields["loss_type"] = dpo.loss_type
+    if cfg.stage == "simpo":  # SimPO is CPO's simpo loss without CPO's added NLL term (trl's docs)
+        fields |= {"loss_type": "simpo", "cpo_alpha": 0.0}
+    return fields | kwargs
+
+
+def check_rows_kept(kept: int, rows: int, name: str, max_length: int) -> None:
+    """trl drops rows whose prompt alone fills max_length (nothing of the reply would be trained on): say how many,
+    and make a dataset left empty an error rather than a run that trains on nothing."""
+    if kept == 0:
+        raise NlpkitError(f"{name}: every row's prompt fills data.max_length={max_length} tokens (after the chat "
+                          "template), so no reply is left to train on; raise data.max_length")
+    if kept < rows:
+        report.warn(f"{name}: {rows - kept} of {rows} rows dropped: their prompt fills data.max_length={max_length}")

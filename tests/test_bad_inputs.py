@@ -219,6 +219,15 @@ CASES = {
                                     "ppo: {batch_size: 24, num_mini_batches: 2}\ntrain: {gradient_accumulation_steps: 4}\n"),
                       "--num-processes", "2"],
         "x train.gradient_accumulation_steps=4; use a multiple of 16"),
+    "export to another format": (
+        lambda t, m: ["export", str(m), "--format", "onnx", "--output", str(t / "m.onnx")],
+        "--format onnx: nlpkit exports gguf (llama.cpp, Ollama)"),
+    "export with an unknown outtype": (
+        lambda t, m: ["export", str(m), "--outtype", "q4_0", "--output", str(t / "m.gguf")],
+        "--outtype q4_0: choose one of f16, q8_0"),
+    "export of a non-Llama model": (
+        lambda t, m: ["export", str(m), "--output", str(t / "m.gguf")],
+        "model_type bert (BertModel); GGUF export supports Llama-family causal LMs (config model_type llama"),
     "eval of a folder that is neither a run nor a model": (
         lambda t, m: ["eval", str(t), "--data", str(FIXTURES / "sentiment_eval.csv")], "has no config.json"),
 }

@@ -17,7 +17,8 @@ LAYERS = [
     ["adapters", "training"],
     ["scoring", "ppo", "ppo.rollout", "ppo.update", "ppo.checkpoint"],
     ["evaluate", "data.check", "embed", "chat", "batching", "plan"],
-    ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "stages.dpo", "quantize", "serve"],
+    ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "stages.dpo", "quantize",
+     "serve", "export"],
     ["cli", "__main__"],
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
@@ -80,9 +81,9 @@ def reachable(start: set[str], edges: dict[str, set[str]]) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("command", ["eval_", "chat", "serve", "quantize", "merge", "embed"])
+@pytest.mark.parametrize("command", ["eval_", "chat", "serve", "quantize", "merge", "embed", "export"])
 def test_commands_on_a_finished_run_never_import_training_stages(command):
-    """eval, chat, serve, quantize, merge (and embed) load runs through runs.py; nothing they reach, directly or
+    """eval, chat, serve, quantize, merge, export (and embed) load runs through runs.py; nothing they reach, directly or
     through the modules they import, is under stages/."""
     edges = graph()
     cli = ast.parse((SRC / "cli.py").read_text())

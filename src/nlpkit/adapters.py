@@ -106,9 +106,7 @@ def merge_run(run: runs.Run, output_dir: Path) -> dict:
     if not run.has_adapter or cfg.peft is None:
         raise NlpkitError(f"{run.path}: no adapter in this run (a full fine-tune): the folder already holds a plain "
                           "model; merge is for runs trained with a peft: section or --lora")
-    if cfg.peft.method in PROMPT_METHODS:
-        raise NlpkitError(f"{run.path}: a {cfg.peft.method} adapter adds virtual tokens and changes no weight, so "
-                          "there is nothing to merge; use the run directory as it is")
+    refuse_unmergeable(run)
     tokenizer = runs.load_tokenizer(run)
     inputs = tokenizer(MERGE_CHECK_TEXTS[run.stage], padding=True, truncation=True, max_length=128,
                        return_tensors="pt")
@@ -133,6 +131,14 @@ def merge_run(run: runs.Run, output_dir: Path) -> dict:
         "reload_max_abs_logits_diff": float((merged_logits - reloaded_logits).abs().max()),
         "inputs": len(MERGE_CHECK_TEXTS[run.stage]),
     }
+
+
+def refuse_unmergeable(run: runs.Run) -> None:
+    """Prompt and prefix tuning learn virtual tokens, not weights: nothing can fold them into a plain model (merge,
+    export)."""
+    if run.has_adapter and run.recipe.peft is not None and run.recipe.peft.method in PROMPT_METHODS:
+        raise NlpkitError(f"{run.path}: a {run.recipe.peft.method} adapter adds virtual tokens and changes no weight, "
+                          "so nothing can fold it into a plain model; use the run directory as it is (chat, serve, eval)")
 
 
 def trainable_in_fp32(model) -> None:

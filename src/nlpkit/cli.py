@@ -240,6 +240,25 @@ def merge(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="An sft or rlhf run (its adapter merged first), or a Llama-family "
+                                         "causal LM (alias, directory).")],
+    format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama.")] = "gguf",
+    outtype: Annotated[str, typer.Option("--outtype", help="f16 or q8_0.")] = "f16",
+    output: Annotated[Optional[Path], typer.Option("--output", help="Default: <model>-<outtype>.gguf.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Write a GGUF file, read it back with transformers and report the largest logits difference; Ollama lines."""
+
+    def work():
+        from nlpkit.export import export as export_gguf
+
+        return export_gguf(model, format, outtype, output)
+
+    _execute(work, as_json, show=lambda result: importlib.import_module("nlpkit.export").print_result(result))
+
+
+@app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="An sft run directory, or a causal LM (alias, directory, hub id).")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Answer this once and exit; without it, a "

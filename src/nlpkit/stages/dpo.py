@@ -81,7 +81,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     args = getattr(trl_module, config_name)(**trainer_arguments(cfg, dpo, output_dir, bf16))
     trainer = getattr(trl_module, trainer_name)(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"), training.tensorboard_callback(output_dir)],
+        callbacks=[training.jsonl_log_callback(output_dir / "train_log.jsonl"),
+                   *training.tracker_callbacks(cfg.train, output_dir)],
         **({"ref_model": reference} if cfg.stage in REFERENCED else {}),
     )
     check_rows_kept(len(trainer.train_dataset), len(train_set), train_rows.name, cfg.data.max_length)

@@ -6,7 +6,7 @@
 Chat: for each model (the plain model, and a LoRA run: nlpkit serves the run as it is; `transformers serve` is given
 the run merged with `nlpkit merge`, since it loads plain checkpoints), three servers run side by side on loopback:
 nlpkit, transformers, and transformers --continuous-batching. For 1, 8 and 32 concurrent clients, each client sends
-its requests one after another (32 requests in all, at least one per client), greedy, max_tokens 64, and the figures are
+its share of --requests (8) one after another, at least one, greedy, max_tokens 64, and the figures are
 completion tokens per second over the burst's wall time and p50/p99 latency per request. The servers take turns
 setting by setting, and the whole sweep runs --rounds times; each figure is the best of its rounds, so a burst that
 met other work on the machine does not decide. Then 200 concurrent /v1/classify requests against a classifier run and
@@ -155,7 +155,8 @@ def main() -> None:
     parser.add_argument("--classifier", help="A classifier run for the /v1/classify burst.")
     parser.add_argument("--encoder", default="minilm", help="An encoder for the /v1/embeddings burst.")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=32, help="Chat requests per burst (shared by the clients).")
+    parser.add_argument("--requests", type=int, default=8, help="Chat requests per burst, shared by the clients "
+                                                                  "(at least one each).")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--burst", type=int, default=200, help="Concurrent classify and embeddings requests.")

@@ -6,8 +6,10 @@ The names below are the package's interface; each lives in the module named besi
 from nlpkit.data.formats import (  # noqa: F401
     LabelSpace,
     classification_examples,
+    code_records,
     detect_sft_format,
     infer_label_space,
+    is_code_set,
     pair_ids,
     preference_columns,
     prompt_column,

@@ -3,7 +3,7 @@ name the file and line of every row.
 
 A data source is written as one string:
 - a file (.csv .tsv .jsonl .json .parquet) or a folder holding `<split>.<ext>` files;
-- a catalog name (`sst2`, `ag_news`, `dolly`, `gsm8k`, `hh_rlhf`, `ppo_prompts`), read from the mirror folder
+- a catalog name (`sst2`, `ag_news`, `dolly`, `gsm8k`, `hh_rlhf`, `ppo_prompts`, `mbpp`), read from the mirror folder
   (`data.mirror` or $NLPKIT_DATA_DIR) when one is set, else from its hub id;
 - a hub id `owner/name`.
 Append `:split` to pick a split (`sst2:validation`); files and folders take the split from their own name.
@@ -54,6 +54,11 @@ CATALOG = {
     "gsm8k": CatalogEntry("gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}, "test", None),
     "hh_rlhf": CatalogEntry("hh_rlhf_harmless", {"train": "train.jsonl", "test": "test.jsonl"}, "test", None),
     "ppo_prompts": CatalogEntry("ppo_prompts", {"train": "prompts.jsonl"}, None, None),
+    # Code problems with unit tests (the authors' splits by task_id); rows render as code prompts (data/formats.py).
+    "mbpp": CatalogEntry(
+        "mbpp", {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl",
+                 "prompt": "prompt.jsonl"}, "test", None,
+    ),
 }
 
 

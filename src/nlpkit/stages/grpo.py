@@ -43,7 +43,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     # Conversational prompts: trl renders them with the policy's chat template, as `nlpkit chat` does.
     dataset = datasets.Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
                                           for r in records])
-    scorer = Scorer(cfg, bf16, process_device())  # where trl puts this process's policy
+    scorer = Scorer(cfg.reward, bf16, process_device())  # where trl puts this process's policy
 
     def reward(prompts, completions, completion_ids, **columns):  # completion_ids: trl's, not a prompt column
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

@@ -16,7 +16,7 @@ LAYERS = [
     ["report"],
     ["adapters", "training"],
     ["scoring", "ppo", "ppo.rollout", "ppo.update", "ppo.checkpoint"],
-    ["evaluate", "data.check", "embed", "chat", "batching", "plan"],
+    ["evaluate", "data.check", "embed", "chat", "batching", "plan", "sample"],
     ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "quantize", "serve"],
     ["cli", "__main__"],
 ]
@@ -80,9 +80,9 @@ def reachable(start: set[str], edges: dict[str, set[str]]) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("command", ["eval_", "chat", "serve", "quantize", "merge", "embed"])
+@pytest.mark.parametrize("command", ["eval_", "chat", "serve", "quantize", "merge", "embed", "sample"])
 def test_commands_on_a_finished_run_never_import_training_stages(command):
-    """eval, chat, serve, quantize, merge (and embed) load runs through runs.py; nothing they reach, directly or
+    """eval, chat, serve, quantize, merge (and embed, sample) load runs through runs.py; nothing they reach, directly or
     through the modules they import, is under stages/."""
     edges = graph()
     cli = ast.parse((SRC / "cli.py").read_text())

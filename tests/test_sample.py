@@ -26,7 +26,8 @@ def test_code_rows_render_the_problem_with_one_assert_and_keep_every_test(tmp_pa
     assert all("add(1, 1)" not in r["prompt"] for r in records)  # the other asserts stay hidden
     sft = sft_dataset(rows, "code", None, 0)  # SFT: the same prompt, the reference solution fenced
     assert sft[0]["prompt"] == [{"role": "user", "content": records[0]["prompt"]}]
-    assert sft[0]["completion"] == [{"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"}]
+    solution = "```python\ndef add(a, b):\n    return a + b\n```"
+    assert sft[0]["completion"] == [{"role": "assistant", "content": solution}]
 
 
 def test_sample_writes_scored_samples_and_pairs_that_train_a_reward_model(tmp_path, tiny_llama):

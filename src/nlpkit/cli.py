@@ -184,6 +184,8 @@ def eval_(
     num_samples: Annotated[Optional[int], typer.Option(help="Code sets: also pass@K of K sampled answers.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Code sets: the first N problems only.")] = None,
     temperature: TemperatureOpt = 0.8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Code sets: longest answer (default: the run's "
+                                                          "generation.max_new_tokens, else 256).")] = None,
     as_json: JsonOpt = False,
 ):
     """Evaluate a run (or a causal LM) on a file: the same metric keys as the run's metrics.json.
@@ -195,7 +197,8 @@ def eval_(
     def work():
         from nlpkit.evaluate import evaluate
 
-        return evaluate(run_dir, data, text_column, text_pair_column, label_column, num_samples, limit, temperature)
+        return evaluate(run_dir, data, text_column, text_pair_column, label_column, num_samples, limit, temperature,
+                        max_new_tokens)
 
     _execute(work, as_json, show=print_metrics)
 

@@ -37,7 +37,7 @@ from nlpkit.models import autocast, bf16_is_fast
 
 def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair_column: str | None = None,
              label_column: str | None = None, num_samples: int | None = None, limit: int | None = None,
-             temperature: float = 0.8) -> dict:
+             temperature: float = 0.8, max_new_tokens: int | None = None) -> dict:
     """A run of any stage, or a plain causal LM (anything that is not a run directory). A causal LM on a code set
     (rows with test_list: MBPP) is scored by its unit tests; num_samples and limit are for that case only."""
     run = runs.open_run(ref) if runs.is_run(ref) else None
@@ -45,10 +45,10 @@ def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair
     if run is None or run.is_causal_lm:
         rows = open_source(data_spec, "test", "--data", mirror)  # a wrong path answers before a model loads
         if is_code_set(rows):
-            return code_metrics(ref, rows, run, num_samples, limit, temperature)
-    if num_samples is not None or limit is not None:
-        raise NlpkitError(f"--num-samples/--limit: only for a causal LM on a code set (rows with test_list, such as "
-                          f"mbpp:test); {data_spec} is not one")
+            return code_metrics(ref, rows, run, num_samples, limit, temperature, max_new_tokens)
+    if num_samples is not None or limit is not None or max_new_tokens is not None:
+        raise NlpkitError(f"--num-samples/--limit/--max-new-tokens: only for a causal LM on a code set (rows with "
+                          f"test_list, such as mbpp:test); {data_spec} is not one")
     if run is None:
         return lm_metrics(ref, data_spec)
     if run.is_causal_lm:
@@ -189,7 +189,7 @@ def lm_metrics(model_ref: str, data_spec: str, run: runs.Run | None = None) -> d
 
 
 def code_metrics(model_ref: str, rows, run: runs.Run | None, num_samples: int | None, limit: int | None,
-                 temperature: float) -> dict:
+                 temperature: float, max_new_tokens: int | None = None) -> dict:
     """pass@1 of greedy answers on a code set, run against every assert of each problem in the sandbox; with
     num_samples, also pass@1 and pass@num_samples of that many sampled answers (the unbiased estimator)."""
     from nlpkit.rewards import unit_test_pass
@@ -201,7 +201,7 @@ def code_metrics(model_ref: str, rows, run: runs.Run | None, num_samples: int | 
         raise NlpkitError(f"--limit {limit}: give at least 1 problem, or leave it out for all")
     records = code_records(rows)[:limit]
     model, tokenizer = runs.load_causal_lm(model_ref)
-    max_new_tokens = run.recipe.generation.max_new_tokens if run else 256
+    max_new_tokens = max_new_tokens or (run.recipe.generation.max_new_tokens if run else 256)
     bf16 = run.task["bf16"] if run else bf16_is_fast()
     prompts = [r["prompt"] for r in records]
     columns = {key: [r[key] for r in records] for key in ("test_list", "test_setup_code")}

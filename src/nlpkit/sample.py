@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nlpkit import report, runs
 from nlpkit.config import RewardSection
-from nlpkit.data import is_code_set, open_source, prompt_column, prompt_records
+from nlpkit.data import open_source, prompt_column, prompt_records
 from nlpkit.distributed import process_device
 from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, bf16_is_fast

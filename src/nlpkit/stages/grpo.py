@@ -1,6 +1,6 @@
 """RLHF with trl's GRPO or RLOO (`algo: grpo` / `algo: rloo` in a stage: rlhf recipe), with nlpkit's scoring.
 
-    nlpkit rlhf recipes/rlhf-gsm8k-grpo.yaml
+    nlpkit rlhf recipes/rlhf-mbpp-grpo.yaml
 
 The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
 reward function, which avoids trl's traps on this stack (docs/stack-notes.md trap 7): the reward model is never given to

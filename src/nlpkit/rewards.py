@@ -266,7 +266,7 @@ def load_reward_function(spec: str, key: str = "reward.function") -> Callable:
             return SHIPPED[spec]
         close = difflib.get_close_matches(spec, list(SHIPPED), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"shipped: {', '.join(SHIPPED)}"
-        raise NlpkitError(f"{key} {spec!r}: no such reward function; {hint} (or write module:function or "
+        raise NlpkitError(f"{key} {spec!r}: no such reward function; {hint} (or write it as module:function or "
                           "path/to/file.py:function)")
     target, _, name = spec.rpartition(":")
     if not target or not name:

@@ -166,3 +166,24 @@ def write_toy_prompts(path: Path, count: int, seed: int) -> Path:
         for _ in range(count):
             f.write(json.dumps({"prompt": " ".join(rng.choice(NEUTRAL) for _ in range(rng.randint(2, 4)))}) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- code problems
+CODE_PROBLEMS = [  # MBPP's columns and shape: the function's name appears only in the asserts
+    {"task_id": 1, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
+     "test_setup_code": "", "test_list": ["assert add(2, 3) == 5", "assert add(1, 1) == 2", "assert add(0, 0) == 0"],
+     "challenge_test_list": []},
+    {"task_id": 2, "text": "Write a function to square a number.", "code": "def square(x):\n    return x * x",
+     "test_setup_code": "", "test_list": ["assert square(3) == 9", "assert square(0) == 0", "assert square(-2) == 4"],
+     "challenge_test_list": []},
+    {"task_id": 3, "text": "Write a function to reverse a string.", "code": "def reverse(s):\n    return s[::-1]",
+     "test_setup_code": "", "test_list": ["assert reverse('ab') == 'ba'", "assert reverse('') == ''"],
+     "challenge_test_list": []},
+]
+
+
+def write_code_problems(path: Path, rows: list[dict] | None = None) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows or CODE_PROBLEMS))
+    return path

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FIXTURES
+from conftest import CODE_PROBLEMS, FIXTURES, write_code_problems
 from helpers import nlpkit
 from nlpkit import models
 
@@ -337,6 +337,10 @@ RLHF_CASES = {
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "train.extra.max_grad_norm=1.0"],
         "train.extra.max_grad_norm: algo ppo is nlpkit's own loop, not a transformers Trainer, and reads no "
         "train.extra field; use ppo.max_grad_norm"),
+    "reward weights that do not match the functions": (
+        lambda t, p: ["rlhf", rlhf_recipe(t, p, reward={"function": f"{t / 'good_reward.py'}:ones",
+                                                       "function_weight": [1.0, 0.2]})],
+        "reward.function_weight: 2 weights for 1 functions; give one weight per reward.function"),
     "adaptive kl from a zero coefficient": (
         lambda t, p: ["rlhf", rlhf_recipe(t, p), "ppo.kl_target=6", "ppo.kl_coef=0"],
         "ppo.kl_target: the adaptive controller scales ppo.kl_coef, which is 0"),
@@ -402,6 +406,56 @@ def test_bad_rlhf_input_exits_2_with_one_clear_line(case, tmp_path, tiny_llama):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected.replace("{p}", str(tiny_llama)) in errors[0], result.stderr
     assert not (tmp_path / "run" / "nlpkit_run.json").exists()
+
+
+def code_file(tmp, rows=None) -> str:
+    return str(write_code_problems(tmp / "code.jsonl", rows))
+
+
+def sample_argv(tmp, policy, *extra, data=None) -> list[str]:
+    return ["sample", str(policy), "--data", data or code_file(tmp), "--output-dir", str(tmp / "run"),
+            "--max-new-tokens", "4", *extra]
+
+
+# id -> (argv builder(tmp, tiny chat llama), text the error line must hold)
+SAMPLE_CASES = {
+    "code row without tests": (
+        lambda t, p: sample_argv(t, p, "--num-samples", "2", "--reward", "compiles",
+                                 data=code_file(t, [CODE_PROBLEMS[0], {**CODE_PROBLEMS[1], "test_list": []}])),
+        "code.jsonl line 2: no tests in 'test_list' (got [])"),
+    "sft on a code row without tests": (
+        lambda t, p: ["finetune", write(t, "sft.yaml", yaml.safe_dump({
+            "stage": "sft", "model": {"name": str(p)}, "train": {"max_steps": 1},
+            "data": {"train": code_file(t, [{k: v for k, v in CODE_PROBLEMS[0].items() if k != "test_list"},
+                                            CODE_PROBLEMS[1]])}})), "--output-dir", str(t / "run")],
+        "code.jsonl line 1: no tests in 'test_list' (got None)"),
+    "zero samples": (
+        lambda t, p: sample_argv(t, p, "--num-samples", "0", "--reward", "compiles"),
+        "--num-samples 0: give at least 1 completion per prompt"),
+    "eval with zero samples": (
+        lambda t, p: ["eval", str(p), "--data", code_file(t), "--num-samples", "0"],
+        "--num-samples 0: give at least 1 completion per prompt"),
+    "unknown reward name": (
+        lambda t, p: sample_argv(t, p, "--num-samples", "2", "--reward", "unit_test_fractoin"),
+        "--reward 'unit_test_fractoin': no such reward function; did you mean 'unit_test_fraction'?"),
+    "no reward at all": (
+        lambda t, p: sample_argv(t, p, "--num-samples", "2"), "--reward: nothing scores the samples"),
+    "no prompt with two different scores": (  # a random tiny model passes no test: every score is 0
+        lambda t, p: sample_argv(t, p, "--num-samples", "2", "--reward", "unit_test_pass"),
+        "no prompt of 3 produced two different scores over its 2 samples, so there is no pair (samples.jsonl was "
+        "written); sample more (--num-samples), at a higher --temperature, or add partial credit"),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_bad_sample_input_exits_2_with_one_clear_line(case, tmp_path, tiny_llama):
+    build, expected = SAMPLE_CASES[case]
+    result = nlpkit(*build(tmp_path, tiny_llama))
+    assert result.code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert not (tmp_path / "run" / "pairs.jsonl").exists() and not (tmp_path / "run" / "nlpkit_run.json").exists()
 
 
 def test_missing_embedded_package_names_the_install_command(tmp_path, tiny_bert, monkeypatch):

@@ -136,7 +136,7 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(toy_llama, attention_dropout=0.5)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    scorer = Scorer(cfg, False, torch.device("cpu"))
+    scorer = Scorer(cfg.reward, False, torch.device("cpu"))
     value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     rm_weights = scorer.model.state_dict()
     assert all(torch.equal(v, rm_weights[k]) for k, v in value.state_dict().items())  # [24] value starts as the RM
@@ -169,7 +169,7 @@ def test_every_response_is_scored_at_an_eos_even_one_cut_by_the_window(tmp_path,
     from nlpkit.recipes import load_recipe
     from nlpkit.scoring import Scorer, score_ids
 
-    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)).reward, False, torch.device("cpu"))
     text = "the cat sits good great"
     ids = scorer.tokenizer(text)["input_ids"]
     tokenizer = scorer.tokenizer
@@ -200,7 +200,7 @@ def test_a_reply_is_scored_as_the_loop_decodes_it_with_the_space_the_reward_mode
     completions = decode_responses(policy_tokenizer, queries, responses, ends, has_stop)
     assert completions == [" good great", " happy"]
 
-    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)), False, torch.device("cpu"))
+    scorer = Scorer(load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model)).reward, False, torch.device("cpu"))
     tokenizer = scorer.tokenizer
     expected = score_ids(scorer.model, [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
                                         for text in ("the cat sits good great", "a dog happy")],
@@ -228,7 +228,7 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     cfg = load_recipe(rlhf_recipe(tmp_path, toy_llama, toy_reward_model, lora=True))
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = apply_peft(AutoModelForCausalLM.from_pretrained(toy_llama), cfg.peft, task_type="CAUSAL_LM")
-    scorer = Scorer(cfg, bf16, torch.device("cpu"))
+    scorer = Scorer(cfg.reward, bf16, torch.device("cpu"))
     batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
     completions = ["good great happy", "sad the a"] * 8
     scores_before = scorer.score(batch, completions)
@@ -358,7 +358,7 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": str(data)},
                            "reward": {"function": "nlpkit.rewards:gsm8k_exact_match"}})
-    scorer = Scorer(cfg, False, torch.device("cpu"))
+    scorer = Scorer(cfg.reward, False, torch.device("cpu"))
     records = prompt_records(open_source(str(data), "train", "data.train"), "question")
     assert records == [{"prompt": "1+1?", "answer": "#### 2"}]
     assert scorer.score(records * 2, ["so #### 2", "#### 3"]) == [1.0, 0.0]
@@ -527,7 +527,7 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     tokenizer = AutoTokenizer.from_pretrained(toy_llama, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(toy_llama)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    scorer = Scorer(cfg, False, torch.device("cpu"))
+    scorer = Scorer(cfg.reward, False, torch.device("cpu"))
     value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     batch = [{"prompt": p} for p in ("the cat sits", "a dog runs", "one bird", "two fish")] * 4
     args = (tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))

@@ -47,7 +47,7 @@ class DataSection(Section):
     max_train_samples: int | None = Field(None, gt=0)  # seeded random subset, for quick runs
     max_eval_samples: int | None = Field(None, gt=0)
     # sft: how rows become conversations; auto detects from the columns (docs/sft.md).
-    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text", "code"] = "auto"
     chat_template: str | None = None  # sft: a Jinja chat template (or a file holding one); default: the model's
 
     @field_validator("label_names", mode="before")
@@ -143,10 +143,13 @@ class RewardSection(Section):
     """Where rlhf scores come from: a reward model, functions of the text, or both (summed)."""
 
     model: str | None = None  # a `stage: reward` run directory (a sequence classifier with num_labels=1)
-    # Python callables "module:function" or "path/to/file.py:function", called as f(prompts, completions) -> floats
-    # (nlpkit.rewards:gsm8k_exact_match, nlpkit.rewards:unit_test_pass); their values are added to the model's score.
+    # Python callables "module:function" or "path/to/file.py:function", or a shipped name (nlpkit/rewards.py:
+    # gsm8k_exact_match, unit_test_pass, unit_test_fraction, compiles), called as f(prompts, completions) -> floats;
+    # their weighted values are added to the model's score.
     function: list[str] = Field(default_factory=list)
-    function_weight: float = 1.0  # multiplies the summed function rewards
+    # One number multiplies every function's reward; a list gives each function its own weight, in order (partial
+    # credit: [1.0, 0.2] for unit_test_fraction and compiles).
+    function_weight: float | list[float] = 1.0
     # How the reward model sees a prompt: the text it was trained on precedes the completion (HH: "\n\nHuman: ...").
     prompt_template: str = "{prompt}"
 
@@ -322,6 +325,10 @@ def _check_rlhf(cfg: Recipe) -> list[str]:
     if cfg.reward is None or (cfg.reward.model is None and not cfg.reward.function):
         problems.append("reward: rlhf needs a reward; set reward.model (a `stage: reward` run) and/or "
                         "reward.function (module:function)")
+    weights = cfg.reward.function_weight if cfg.reward is not None else None
+    if isinstance(weights, list) and len(weights) != len(cfg.reward.function):
+        problems.append(f"reward.function_weight: {len(weights)} weights for {len(cfg.reward.function)} functions; "
+                        "give one weight per reward.function, in order (or one number for all)")
     if cfg.quant is not None:
         problems.append("quant: rlhf trains in full precision here; remove quant")
     if cfg.peft is not None and cfg.peft.method != "lora":

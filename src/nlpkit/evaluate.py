@@ -5,6 +5,7 @@
     nlpkit eval smollm2-135m --data dolly:test --json                # the same for a base model, to compare
     nlpkit eval runs/reward-hh --data hh_rlhf:test --json            # pair accuracy and mean margin
     nlpkit eval runs/dpo-hh --data hh_rlhf:test --json               # the same, by implicit reward (dpo/kto/orpo/simpo)
+    nlpkit eval smollm2-135m --data mbpp:test --num-samples 10 --json # code: pass@1 greedy, pass@10 sampled
 
 Each evaluation processes the file exactly as training processed its eval split (tokenization, template, masking,
 batches), so a run evaluated on its own eval file reproduces its metrics. The training stages call these functions
@@ -24,22 +25,34 @@ from nlpkit.config import PREFERENCE_STAGES
 from nlpkit.data import (
     LabelSpace,
     classification_examples,
+    code_records,
     detect_sft_format,
+    is_code_set,
     open_source,
     resolve_columns,
     sft_dataset,
     tokenize_classification,
 )
+from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, bf16_is_fast
 
 
 def evaluate(ref: str, data_spec: str, text_column: str | None = None, text_pair_column: str | None = None,
-             label_column: str | None = None) -> dict:
-    """A run of any stage, or a plain causal LM (anything that is not a run directory)."""
-    if not runs.is_run(ref):
+             label_column: str | None = None, num_samples: int | None = None, limit: int | None = None,
+             temperature: float = 0.8, max_new_tokens: int | None = None) -> dict:
+    """A run of any stage, or a plain causal LM (anything that is not a run directory). A causal LM on a code set
+    (rows with test_list: MBPP) is scored by its unit tests; num_samples and limit are for that case only."""
+    run = runs.open_run(ref) if runs.is_run(ref) else None
+    mirror = run.recipe.data.mirror if run else None
+    if run is None or run.is_causal_lm:
+        rows = open_source(data_spec, "test", "--data", mirror)  # a wrong path answers before a model loads
+        if is_code_set(rows):
+            return code_metrics(ref, rows, run, num_samples, limit, temperature, max_new_tokens)
+    if num_samples is not None or limit is not None or max_new_tokens is not None:
+        raise NlpkitError(f"--num-samples/--limit/--max-new-tokens: only for a causal LM on a code set (rows with "
+                          f"test_list, such as mbpp:test); {data_spec} is not one")
+    if run is None:
         return lm_metrics(ref, data_spec)
-    run = runs.open_run(ref)
-    mirror = run.recipe.data.mirror
     if run.stage in PREFERENCE_STAGES:
         from nlpkit.scoring import preference_run_metrics
 
@@ -176,3 +189,44 @@ def lm_metrics(model_ref: str, data_spec: str, run: runs.Run | None = None) -> d
                              processing_class=tokenizer)
         loss = trainer.evaluate()["eval_loss"]
     return {"eval_loss": loss, "eval_perplexity": math.exp(loss), "eval_samples": len(dataset)}
+
+
+# ---------------------------------------------------------------------------------------------- code (unit tests)
+
+
+def code_metrics(model_ref: str, rows, run: runs.Run | None, num_samples: int | None, limit: int | None,
+                 temperature: float, max_new_tokens: int | None = None) -> dict:
+    """pass@1 of greedy answers on a code set, run against every assert of each problem in the sandbox; with
+    num_samples, also pass@1 and pass@num_samples of that many sampled answers (the unbiased estimator)."""
+    from nlpkit.rewards import unit_test_pass
+    from nlpkit.sample import check_num_samples, generate, pass_rates
+
+    if num_samples is not None:
+        check_num_samples(num_samples)
+    if limit is not None and limit < 1:
+        raise NlpkitError(f"--limit {limit}: give at least 1 problem, or leave it out for all")
+    records = code_records(rows)[:limit]
+    model, tokenizer = runs.load_causal_lm(model_ref)
+    max_new_tokens = max_new_tokens or (run.recipe.generation.max_new_tokens if run else 256)
+    bf16 = run.task["bf16"] if run else bf16_is_fast()
+    prompts = [r["prompt"] for r in records]
+    columns = {key: [r[key] for r in records] for key in ("test_list", "test_setup_code")}
+
+    def passing(groups: list[list[str]]) -> list[int]:
+        n = len(groups[0])
+        flat = [c for group in groups for c in group]
+        scores = unit_test_pass([], flat, **{k: [v for v in values for _ in range(n)] for k, values in columns.items()})
+        return [int(sum(scores[i:i + n])) for i in range(0, len(scores), n)]
+
+    greedy = passing(generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, bf16))
+    metrics = {"eval_pass@1": sum(greedy) / len(greedy), "eval_problems": len(records)}
+    if num_samples is not None and num_samples > 1:
+        import torch
+
+        torch.manual_seed(0)
+        sampled = pass_rates(passing(generate(model, tokenizer, prompts, num_samples, max_new_tokens, temperature,
+                                              bf16)), num_samples)
+        metrics |= {"eval_pass@1_sampled": sampled["pass@1"],
+                    f"eval_pass@{num_samples}": sampled[f"pass@{num_samples}"],
+                    "eval_samples_per_problem": num_samples, "eval_temperature": temperature}
+    return metrics

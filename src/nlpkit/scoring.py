@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nlpkit import runs
 from nlpkit.adapters import apply_peft
-from nlpkit.config import DPOSection, PeftSection, Recipe
+from nlpkit.config import DPOSection, PeftSection, Recipe, RewardSection
 from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, distinct_pad
 from nlpkit.data import chat_reply_ids, open_source, pair_ids, preference_chats, preference_columns
@@ -28,26 +28,34 @@ class Scorer:
     """Score completions: the reward model at the EOS (text in the reward model's own format), plus weighted
     reward functions. The same object scores the training rollouts and the before/after evaluation."""
 
-    def __init__(self, cfg: Recipe, bf16: bool, device):
+    def __init__(self, reward: RewardSection, bf16: bool, device):
         import torch
 
-        self.template = cfg.reward.prompt_template
-        self.functions = [(spec, load_reward_function(spec)) for spec in cfg.reward.function]
-        self.weight = cfg.reward.function_weight
+        self.template = reward.prompt_template
+        self.functions = [(spec, load_reward_function(spec)) for spec in reward.function]
+        weights = reward.function_weight
+        self.weights = weights if isinstance(weights, list) else [weights] * len(self.functions)
         self.bf16 = bf16
         self.model = self.tokenizer = None
         self.reward_view = contextlib.nullcontext  # add_value_adapter: with that adapter disabled
         self.max_length = 1024
-        if cfg.reward.model is not None:
-            self.model, self.tokenizer = load_reward_model(cfg.reward.model, "reward.model")
+        if reward.model is not None:
+            self.model, self.tokenizer = load_reward_model(reward.model, "reward.model")
             # Frozen, and only ever run under autocast: held in bf16 when autocast is, at half the memory.
             self.model.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32).eval()  # [3]
-            manifest = Path(cfg.reward.model) / runs.MANIFEST
+            manifest = Path(reward.model) / runs.MANIFEST
             if manifest.is_file():  # score no longer text than the reward model was trained on
                 self.max_length = json.loads(manifest.read_text())["task"].get("max_length") or self.max_length
 
     def score(self, batch: list[dict], completions: list[str]) -> list[float]:
-        totals = [0.0] * len(completions)
+        """The total: the reward model's score plus each function's value times its weight."""
+        parts = self.components(batch, completions)
+        weights = [1.0] * (self.model is not None) + self.weights
+        return [sum(w * v for w, v in zip(weights, values)) for values in zip(*parts.values())]
+
+    def components(self, batch: list[dict], completions: list[str]) -> dict[str, list[float]]:
+        """Each source's unweighted scores: "reward_model" (when there is one), then each function by its spec."""
+        parts = {}
         if self.model is not None:
             # Every text ends in the EOS and is scored there [8]: RewardTrainer trained on text + EOS, and what the
             # head says at any other token is untrained (reward-hh read 0.86 higher, on average, at a reply's last
@@ -58,14 +66,12 @@ class Scorer:
                                   self.tokenizer.eos_token)["input_ids"][-self.max_length:]
                    for record, completion in zip(batch, completions)]
             with self.reward_view():
-                totals = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
-        if self.functions:
-            prompts = [record["prompt"] for record in batch]
-            columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
-            for spec, function in self.functions:
-                values = call_reward_function(spec, function, prompts, completions, columns)
-                totals = [t + self.weight * v for t, v in zip(totals, values)]
-        return totals
+                parts["reward_model"] = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.bf16)
+        prompts = [record["prompt"] for record in batch]
+        columns = {key: [record[key] for record in batch] for key in batch[0] if key != "prompt"}
+        for spec, function in self.functions:
+            parts[spec] = call_reward_function(spec, function, prompts, completions, columns)
+        return parts
 
     def add_value_adapter(self, peft: PeftSection):
         """[24] The PPO value model as a peft adapter on this reward model, with a trainable copy of its score head

@@ -19,7 +19,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 
 COMMANDS = {  # name -> function, in the order `nlpkit --help` lists them
-    "finetune": train.finetune, "rlhf": train.rlhf, "eval": use.eval_, "quantize": use.quantize, "merge": use.merge,
+    "finetune": train.finetune, "rlhf": train.rlhf, "eval": use.eval_, "sample": use.sample, "quantize": use.quantize, "merge": use.merge,
     "export": use.export, "chat": use.chat, "serve": use.serve, "embed": use.embed, "plan": train.plan,
     "recipes": train.recipes, "env": use.env,
 }

@@ -1,5 +1,5 @@
-"""The commands that use a model or a finished run: eval, quantize, merge, export, chat, serve, embed, data check,
-env. None of them imports training code (tests/test_layout.py)."""
+"""The commands that use a model or a finished run: eval, sample, quantize, merge, export, chat, serve, embed, data
+check, env. None of them imports training code (tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from nlpkit.cli.common import JsonOpt, execute
+
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 from nlpkit.report import print_metrics, print_tree
 from nlpkit.runs import claim_output_dir
 
@@ -20,18 +22,49 @@ def eval_(
     text_column: Annotated[Optional[str], typer.Option(help="Default: the column the run trained on.")] = None,
     text_pair_column: Annotated[Optional[str], typer.Option(help="Default: as in training.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Default: as in training.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Code sets: also pass@K of K sampled answers.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Code sets: the first N problems only.")] = None,
+    temperature: TemperatureOpt = 0.8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Code sets: longest answer (default: the run's "
+                                                          "generation.max_new_tokens, else 256).")] = None,
     as_json: JsonOpt = False,
 ):
     """Evaluate a run (or a causal LM) on a file: the same metric keys as the run's metrics.json.
 
     Reward runs: pair accuracy and mean margin on a preference file. Classifiers: accuracy, F1, per-class scores on a
-    labeled file. Causal LMs: loss and perplexity on the trained-on
-    (answer) tokens of an instruction file, so a base model and a tuned run compare on the same file."""
+    labeled file. Causal LMs: loss and perplexity on the trained-on (answer) tokens of an instruction file, so a base
+    model and a tuned run compare on the same file; on a code set (mbpp), pass@1 of greedy answers by unit tests."""
 
     def work():
         from nlpkit.evaluate import evaluate
 
-        return evaluate(run_dir, data, text_column, text_pair_column, label_column)
+        return evaluate(run_dir, data, text_column, text_pair_column, label_column, num_samples, limit, temperature,
+                        max_new_tokens)
+
+    execute(work, as_json, show=print_metrics)
+
+
+def sample(
+    model: Annotated[str, typer.Argument(help="A causal-LM run, or any causal LM (alias, directory, hub id).")],
+    data: Annotated[str, typer.Option("--data", help="Prompt rows: file, catalog name (mbpp:train) or hub id.")],
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Completions per prompt.")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Writes samples.jsonl and pairs.jsonl here.")],
+    reward: Annotated[Optional[list[str]], typer.Option("--reward", help="A reward function (unit_test_fraction, "
+                                                        "compiles, module:function); repeatable.")] = None,
+    reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="A reward run.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="The first N prompts only.")] = None,
+    temperature: TemperatureOpt = 0.8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion, in tokens.")] = 256,
+    as_json: JsonOpt = False,
+):
+    """Sample K completions per prompt, score them, and pair each prompt's best with its worst (no human labels)."""
+
+    def work():
+        from nlpkit import sample as sample_module
+
+        claim_output_dir(output_dir)
+        return sample_module.run(model, data, num_samples, reward or [], reward_model, output_dir, limit,
+                                 temperature, max_new_tokens)
 
     execute(work, as_json, show=print_metrics)
 

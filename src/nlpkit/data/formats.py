@@ -1,6 +1,7 @@
 """What rows mean, by shape: classification (text, optional pair, label), instructions (alpaca, messages,
-prompt/completion, text) for SFT, preference pairs (prompt, chosen, rejected) for reward models, and prompt rows for
-RL. Every row is validated as it is converted; a bad one is reported with its file, line and field.
+prompt/completion, text, code) for SFT, preference pairs (prompt, chosen, rejected) for reward models, prompt rows for
+RL, and code problems with unit tests (MBPP: text, test_list, test_setup_code, code). Every row is validated as it is
+converted; a bad one is reported with its file, line and field.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def detect_sft_format(rows: Rows, requested: str) -> str:
     if requested != "auto":
         return requested
     columns = set(rows.rows[0])
+    if is_code_set(rows):
+        return "code"
     if "messages" in columns:
         return "messages"
     if "instruction" in columns and columns & {"output", "response"}:
@@ -195,6 +198,10 @@ def sft_example(row: dict, fmt: str, rows: Rows, i: int) -> dict:
     """One row as trl's conversational prompt-completion ({"prompt": [...], "completion": [...]}) or {"text": ...}."""
     if fmt == "text":
         return {"text": _field(row, ("text",), rows, i, fmt)}
+    if fmt == "code":  # the reference solution, fenced as the prompt's reader (and extract_code) expect it
+        solution = _field(row, ("code",), rows, i, fmt).strip()
+        return {"prompt": [{"role": "user", "content": code_prompt(row, rows, i)}],
+                "completion": [{"role": "assistant", "content": f"```python\n{solution}\n```"}]}
     if fmt == "messages":
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -360,6 +367,8 @@ PROMPT_COLUMNS = ("prompt", "question", "query", "instruction")
 
 
 def prompt_column(rows: Rows, chosen: str | None) -> str:
+    if is_code_set(rows) and chosen is None:
+        return "text"  # the problem; prompt_records renders it with one of its asserts
     present = list(rows.rows[0])
     column = chosen or next((c for c in PROMPT_COLUMNS if c in present), None)
     if column is None or column not in present:
@@ -369,7 +378,10 @@ def prompt_column(rows: Rows, chosen: str | None) -> str:
 
 
 def prompt_records(rows: Rows, column: str) -> list[dict]:
-    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords."""
+    """Each row as {"prompt": text, other columns...}; the other columns reach reward functions as keywords.
+    A code set's rows: the rendered code prompt, with test_list and test_setup_code for the unit-test rewards."""
+    if is_code_set(rows):
+        return code_records(rows, column)
     records, columns = [], set(rows.rows[0])
     for i, row in enumerate(rows.rows):
         text = row.get(column)
@@ -396,3 +408,39 @@ def split_prompts(rows: Rows, column: str, held: int, seed: int, limit: int | No
     if limit:
         train = train[:limit]
     return train, records[:held]
+
+
+# ---------------------------------------------------------------------------------------------- code problems (mbpp)
+
+# The problem plus ONE of its asserts: MBPP's text never names the function, the asserts do. The other asserts stay
+# hidden, so passing them is evidence the code is right and not fitted to the example.
+CODE_PROMPT = "{text}\nYour code should pass this test:\n{test}"
+
+
+def is_code_set(rows: Rows) -> bool:
+    """Rows of code problems with unit tests (MBPP's columns): any row with a test_list makes it one."""
+    return any("test_list" in row for row in rows.rows)
+
+
+def code_tests(row: dict, rows: Rows, i: int) -> list[str]:
+    tests = row.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+        raise NlpkitError(f"{rows.where(i)}: no tests in 'test_list' (got {tests!r}); every code problem needs a "
+                          "list of assert statements that call its function; add them or remove the row")
+    setup = row.get("test_setup_code") or ""
+    if not isinstance(setup, str):
+        raise NlpkitError(f"{rows.where(i)}: 'test_setup_code' must be text, got {type(setup).__name__}")
+    return tests
+
+
+def code_prompt(row: dict, rows: Rows, i: int, column: str = "text") -> str:
+    """The user turn for a code problem (the chat template is applied where the model reads it)."""
+    tests = code_tests(row, rows, i)
+    return CODE_PROMPT.format(text=_field(row, (column,), rows, i, "code").strip(), test=tests[0].strip())
+
+
+def code_records(rows: Rows, column: str = "text") -> list[dict]:
+    """Each code problem as {"prompt", "test_list", "test_setup_code"}: the rewards run the code, the setup and every
+    assert of test_list (nlpkit/rewards.py)."""
+    return [{"prompt": code_prompt(row, rows, i, column), "test_list": list(row["test_list"]),
+             "test_setup_code": row.get("test_setup_code") or ""} for i, row in enumerate(rows.rows)]

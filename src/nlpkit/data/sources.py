@@ -53,10 +53,11 @@ CATALOG = {
     "gsm8k": CatalogEntry("gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}, "test"),
     "hh_rlhf": CatalogEntry("hh_rlhf_harmless", {"train": "train.jsonl", "test": "test.jsonl"}, "test"),
     "ppo_prompts": CatalogEntry("ppo_prompts", {"train": "prompts.jsonl"}, None),
+    # Code problems with unit tests (the authors' splits by task_id); rows render as code prompts (data/formats.py).
+    "mbpp": CatalogEntry(
+        "mbpp", {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "prompt": "prompt.jsonl"},
+        "test"),
 }
-CATALOG["mbpp"] = CatalogEntry(  # (branch mbpp adds this entry too: keep one)
-    "mbpp", {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "prompt": "prompt.jsonl"},
-    "test")
 
 
 # ---------------------------------------------------------------------------------------------- hub copies

@@ -1,6 +1,6 @@
 """RLHF with trl's GRPO or RLOO (`algo: grpo` / `algo: rloo` in a stage: rlhf recipe), with nlpkit's scoring.
 
-    nlpkit rlhf rlhf-gsm8k-grpo
+    nlpkit rlhf rlhf-mbpp-grpo
 
 The reward (a reward model, reward functions, or both) is the same Scorer that nlpkit's PPO uses, handed to trl as one
 reward function, which avoids trl's traps on this stack (docs/stack-notes.md trap 7): the reward model is never given to
@@ -43,7 +43,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     # Conversational prompts: trl renders them with the policy's chat template, as `nlpkit chat` does.
     dataset = datasets.Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
                                           for r in records])
-    scorer = Scorer(cfg, bf16, process_device())  # where trl puts this process's policy
+    scorer = Scorer(cfg.reward, bf16, process_device())  # where trl puts this process's policy
 
     def reward(prompts, completions, completion_ids, **columns):  # completion_ids: trl's, not a prompt column
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

@@ -176,7 +176,7 @@ def load_prompts(cfg: Recipe, ppo: PPOSection) -> tuple[str, list[dict], list[di
 def load_models(cfg: Recipe, ppo: PPOSection, tokenizer, bf16: bool, device):
     """(scorer, policy, reference, value model) on the device, in eval mode [3]: throughout, training included, so
     no dropout of any kind. With LoRA the reference is None and the value model shares the Scorer's reward model."""
-    scorer = Scorer(cfg, bf16, device)
+    scorer = Scorer(cfg.reward, bf16, device)
     policy, reference = load_policy(cfg, bf16)
     value_model = load_value_model(cfg, ppo, tokenizer, scorer)
     for model in (policy, reference, value_model):

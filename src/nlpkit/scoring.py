@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nlpkit import runs
 from nlpkit.adapters import apply_peft
-from nlpkit.config import DPOSection, PeftSection, Recipe, RewardSection
+from nlpkit.config import DPOSection, PeftSection, RewardSection
 from nlpkit.errors import NlpkitError
 from nlpkit.models import autocast, distinct_pad
 from nlpkit.data import chat_reply_ids, open_source, pair_ids, preference_chats, preference_columns

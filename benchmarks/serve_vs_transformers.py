@@ -116,16 +116,18 @@ async def burst(url: str, path: str, count: int) -> dict:
             "p99_s": round(percentile(latencies, 0.99), 3)}
 
 
-def chat_servers(nlpkit_ref: str, checkpoint: str) -> dict[str, list[str]]:
-    transformers = [str(Path(sys.executable).with_name("transformers")), "serve", checkpoint, "--device", "cpu"]
-    return {"nlpkit": [sys.executable, "-m", "nlpkit", "serve", nlpkit_ref],
-            "transformers": transformers, "transformers --continuous-batching": transformers + ["--continuous-batching"]}
-
-
 def compare_chat(label: str, nlpkit_ref: str, checkpoint: str, clients: list[int], total: int, max_tokens: int,
                  rounds: int) -> dict:
-    started = {name: start(command, name) for name, command in chat_servers(nlpkit_ref, checkpoint).items()}
+    """nlpkit first; transformers serve then gets the precision nlpkit chose (its /health says), so both compute alike."""
+    started = {"nlpkit": start([sys.executable, "-m", "nlpkit", "serve", nlpkit_ref], "nlpkit")}
+    dtype = httpx.get(f"{started['nlpkit'][1]}/health", timeout=10).json()["dtype"]
+    transformers = [str(Path(sys.executable).with_name("transformers")), "serve", checkpoint, "--device", "cpu",
+                    "--dtype", dtype]
+    print(f"  {label}: both servers compute in {dtype}", flush=True)
     try:
+        started["transformers"] = start(transformers, "transformers")
+        started["transformers --continuous-batching"] = start(transformers + ["--continuous-batching"],
+                                                              "transformers --continuous-batching")
         model_ids = {name: httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
                      for name, (_, url) in started.items()}
         for name, (_, url) in started.items():  # warm-up: the first answer pays for lazy initialisation

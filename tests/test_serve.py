@@ -242,7 +242,7 @@ def test_embeddings_of_an_encoder_and_of_a_classifier_run_are_nlpkit_embeds(tiny
 @pytest.mark.parametrize("body, message", [
     ({"input": []}, "input"),
     ({"input": ["fine", ""]}, "input: 1 to"),
-    ({"input": "fine", "encoding_format": "base64"}, "encoding_format"),
+    ({"input": "fine", "encoding_format": "int8"}, "encoding_format"),
     ({"input": "fine", "dimensions": 8}, "dimensions: not supported by nlpkit serve"),
 ])
 def test_bad_embeddings_requests_are_400(classify_client, body, message):

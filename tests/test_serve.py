@@ -256,20 +256,19 @@ def test_embeddings_of_a_causal_lm_point_to_chat(chat_client):
 
 
 def test_concurrent_classify_requests_share_forward_passes(tiny_classifier):
-    from nlpkit.batching import ClassifyBatcher, classify_texts
+    from nlpkit.batching import TextBatcher, classify_texts
 
     served = load_served(str(tiny_classifier))
     requests = [["good food"], ["the team won", "tech news"], ["bad"], ["a fine film", "dull", "great"]]
     alone = [classify_texts(served, texts) for texts in requests]
     passes = []
     served.model.register_forward_hook(lambda module, args, kwargs_or_out: passes.append(1))
-    batcher = ClassifyBatcher(served, max_batch=64)
+    batcher = TextBatcher(served, classify_texts, max_batch=64)
     with served.lock:  # the model is busy: every request queues up meanwhile
         futures = [batcher.submit(texts) for texts in requests]
     results = [f.result(timeout=60) for f in futures]
     assert len(passes) <= 2  # the first request alone (taken before the lock was seen), then the rest together
     for got, expected in zip(results, alone):
-        assert [r["index"] for r in got] == list(range(len(expected)))
         assert [r["label"] for r in got] == [r["label"] for r in expected]
         assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
@@ -355,3 +354,26 @@ def test_stop_sequence_helpers():
     assert stop_index("one two. three", (".", "two")) == 4 and stop_index("abc", ("x",)) is None
     assert held_back("the answer is\n", ("\n\n",)) == 1 and held_back("abc", ("\n\n",)) == 0
 
+
+
+def test_an_adapter_run_is_served_with_its_adapter_folded_in(tmp_path, tiny_llama):
+    """A LoRA run answers as its base plus adapter, merged at load: no adapter layers left to run per token."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import nlpkit
+    from nlpkit.runs import load_causal_lm
+    from test_sft import sft_recipe
+
+    run = tmp_path / "run"
+    assert nlpkit("finetune", sft_recipe(tmp_path, tiny_llama), "--lora", "--output-dir", run).code == 0
+    served = load_served(str(run))
+    assert served.task == "chat" and not hasattr(served.model, "peft_config")
+    dtype = served.model.dtype
+    ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
+    with torch.inference_mode():
+        merged = served.model(ids).logits.float()
+        with_adapter = load_causal_lm(str(run), dtype=dtype)[0](ids).logits.float()
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype)(ids).logits.float()
+    folding = (merged - with_adapter).abs().max()
+    assert folding <= (3e-2 if dtype == torch.bfloat16 else 1e-4)  # bf16 rounds the merged weights once
+    assert (merged - base).abs().max() > 5 * folding  # the adapter is in the served weights

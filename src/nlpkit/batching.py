@@ -1,7 +1,8 @@
 """The model side of `nlpkit serve`: one piece of work on the model at a time, with the requests that arrive
 meanwhile batched. On a few CPU cores two forward passes side by side only fight over the same cores, and one lock
-keeps peak memory at one batch's worth. Every queued classify text goes into one forward pass (up to max_batch); up
-to 16 chat answers go into one generate() call, each streamed on its own and stopped at its own EOS or max_tokens.
+keeps peak memory at one batch's worth. Every queued classify or embeddings text goes into one forward pass (up to
+max_batch); up to 32 chat answers go into one generate() call, each streamed on its own and stopped at its own EOS or
+max_tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 
 @dataclass
@@ -28,17 +29,16 @@ class Served:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def embed_texts(served: Served, texts: list[str]) -> tuple[list[list[float]], int]:
-    """Unit-length mean-pooled embeddings of the served encoder (a classifier's own encoder, its head dropped), as
-    `nlpkit embed` computes them, and the number of tokens read."""
+def embed_texts(served: Served, texts: list[str]) -> list[tuple[list[float], int]]:
+    """Each text's unit-length mean-pooled embedding from the served encoder (a classifier's own encoder, its head
+    dropped), as `nlpkit embed` computes them, and the number of tokens it read (the usage OpenAI reports)."""
     from nlpkit.embed import embed
 
     model = served.model.get_base_model() if hasattr(served.model, "get_base_model") else served.model  # adapters on
     with served.lock:
         vectors = embed(model.base_model, served.tokenizer, texts, max_length=served.max_length)
     encoded = served.tokenizer(texts, truncation=True, max_length=served.max_length)["input_ids"]
-    tokens = sum(len(ids) for ids in encoded)  # the usage OpenAI reports; embed() tokenizes in its own batches
-    return vectors.tolist(), tokens
+    return [(vector, len(ids)) for vector, ids in zip(vectors.tolist(), encoded)]
 
 
 def classify_texts(served: Served, texts: list[str]) -> list[dict]:
@@ -61,16 +61,18 @@ def classify_texts(served: Served, texts: list[str]) -> list[dict]:
     return results
 
 
-class ClassifyBatcher:
+class TextBatcher:
     """One worker thread runs the model; requests queue their texts and wait on a future. Each pass takes every
-    request waiting (up to max_batch texts), so a burst of requests costs a few forward passes, not one each."""
+    request waiting (up to max_batch texts) and gives them all to `score` (classify_texts, embed_texts: one result
+    per text), so a burst of requests costs a few forward passes, not one each."""
 
-    def __init__(self, served: Served, max_batch: int):
-        self.served, self.max_batch = served, max_batch
+    def __init__(self, served: Served, score: Callable[[Served, list[str]], list], max_batch: int):
+        self.served, self.score, self.max_batch = served, score, max_batch
         self.waiting: queue.Queue[tuple[list[str], Future]] = queue.Queue()
-        threading.Thread(target=self._work, daemon=True, name="nlpkit-classify").start()
+        threading.Thread(target=self._work, daemon=True, name=f"nlpkit-{score.__name__}").start()
 
     def submit(self, texts: list[str]) -> Future:
+        """A future of the texts' results, in their order."""
         done: Future = Future()
         self.waiting.put((texts, done))
         return done
@@ -90,15 +92,14 @@ class ClassifyBatcher:
                 batch.append((texts, done))
                 size += len(texts)
             try:
-                results = classify_texts(self.served, [t for texts, _ in batch for t in texts])
+                results = self.score(self.served, [t for texts, _ in batch for t in texts])
             except Exception as e:  # noqa: BLE001 - every waiting request learns about it (a 500), none hangs
                 for _, done in batch:
                     done.set_exception(e)
                 continue
             start = 0
             for texts, done in batch:
-                mine = results[start:start + len(texts)]
-                done.set_result([{**r, "index": i} for i, r in enumerate(mine)])
+                done.set_result(results[start:start + len(texts)])
                 start += len(texts)
 
 

@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from nlpkit.batching import ChatBatcher, ChatJob, ClassifyBatcher, Served, embed_texts
+from nlpkit.batching import ChatBatcher, ChatJob, Served, TextBatcher, classify_texts, embed_texts
 from nlpkit.errors import NlpkitError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -76,6 +76,8 @@ def load_served(ref: str) -> Served:
 
     model, tokenizer = runs.load_causal_lm(ref, **(
         {"dtype": torch.bfloat16} if not torch.cuda.is_available() and bf16_is_fast() else {}))
+    if hasattr(model, "merge_and_unload") and not getattr(model, "is_quantized", False):
+        model = model.merge_and_unload()  # one adapter, never trained here: folded in, no extra matmuls per layer
     return Served(ref, "chat", model, tokenizer, model.config.max_position_embeddings)
 
 
@@ -187,11 +189,12 @@ class ApiError(Exception):
 
 
 def create_app(served: Served, *, api_key: str | None = None, max_request_bytes: int = 64_000,
-               max_tokens_limit: int = 512, max_batch: int = 64, max_chat_batch: int = 16) -> FastAPI:
+               max_tokens_limit: int = 512, max_batch: int = 64, max_chat_batch: int = 32) -> FastAPI:
     """The app for one served model. `api_key` guards /v1/* (the page and /health stay open, the page asks for it)."""
     app = FastAPI(title=f"nlpkit serve {served.name}", docs_url="/docs", redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
-    batcher = ClassifyBatcher(served, max_batch) if served.task == "classify" else None
+    batcher = TextBatcher(served, classify_texts, max_batch) if served.task == "classify" else None
+    embedder = TextBatcher(served, embed_texts, max_batch) if served.task in ("classify", "embed") else None
     chat_batcher = ChatBatcher(served, max_chat_batch) if served.task == "chat" else None
     started = int(time.time())
 
@@ -245,17 +248,18 @@ def create_app(served: Served, *, api_key: str | None = None, max_request_bytes:
         if len(texts) > max_batch:
             raise ApiError(400, f"input: {len(texts)} texts; at most {max_batch} per request", param="input")
         results = await asyncio.wrap_future(batcher.submit(texts))
-        return {"object": "list", "model": served.name, "data": results}
+        return {"object": "list", "model": served.name, "data": [{**r, "index": i} for i, r in enumerate(results)]}
 
     @app.post("/v1/embeddings")
-    def embeddings(body: EmbeddingsRequest):
+    async def embeddings(body: EmbeddingsRequest):
         if served.task == "chat":
             raise ApiError(400, f"{served.name} is a causal LM: it answers on /v1/chat/completions; serve an encoder "
                                 "(minilm) or a classifier run for embeddings", code="wrong_endpoint")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if len(texts) > max_batch or not all(texts):
             raise ApiError(400, f"input: 1 to {max_batch} non-empty texts per request", param="input")
-        vectors, tokens = embed_texts(served, texts)
+        rows = await asyncio.wrap_future(embedder.submit(texts))
+        vectors, tokens = [vector for vector, _ in rows], sum(count for _, count in rows)
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         return {"object": "list", "model": served.name,

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nlpkit"
 # Lowest first. A module may import from its own layer or below, never from above (docs/architecture.md).
 LAYERS = [
     ["errors", "ppo.core", "rewards"],
-    ["config", "distributed", "models", "recipes", "data", "data.sources", "data.formats"],
+    ["config", "distributed", "models", "recipes", "data", "data.sources", "data.formats", "data.preference"],
     ["runs"],
     ["report"],
     ["adapters", "training"],

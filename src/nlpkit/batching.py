@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -149,6 +150,9 @@ class ChatJob:
         self.cancelled.set()
 
 
+GATHER_SECONDS = 0.02  # how long a chat batch waits for company: nothing next to an answer's seconds
+
+
 class ChatBatcher:
     """One worker thread generates; answers asked for while it is busy are generated together in one batch
     (left-padded, up to max_batch), each streamed on its own and stopped at its own EOS or max_tokens. On a CPU a
@@ -169,9 +173,12 @@ class ChatBatcher:
     def _work(self):
         while True:
             batch, later = [self.waiting.get()], []
+            # Requests sent together arrive milliseconds apart: wait that long for them, or the first would be answered
+            # alone and the others would wait for all of its tokens before their batch starts.
+            deadline = time.monotonic() + GATHER_SECONDS
             while batch[0].seed is None and len(batch) < self.max_batch:
                 try:
-                    job = self.waiting.get_nowait()
+                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 (batch if job.seed is None and job.sampling == batch[0].sampling else later).append(job)

@@ -1,20 +1,15 @@
-"""Data: where rows come from (sources.py), what they mean by shape (formats.py), and the dataset doctor (check.py).
+"""Data: where rows come from (sources.py), what they mean by shape (formats.py, preference.py), and the dataset doctor (check.py).
 
 The names below are the package's interface; each lives in the module named beside it.
 """
 
 from nlpkit.data.formats import (  # noqa: F401
     LabelSpace,
-    chat_reply_ids,
     classification_examples,
     code_records,
     detect_sft_format,
     infer_label_space,
-    kto_chats,
     is_code_set,
-    pair_ids,
-    preference_chats,
-    preference_columns,
     prompt_column,
     prompt_records,
     resolve_columns,
@@ -22,6 +17,13 @@ from nlpkit.data.formats import (  # noqa: F401
     sft_example,
     split_prompts,
     tokenize_classification,
+)
+from nlpkit.data.preference import (  # noqa: F401
+    chat_reply_ids,
+    kto_chats,
+    pair_ids,
+    preference_chats,
+    preference_columns,
 )
 from nlpkit.data.sources import (  # noqa: F401
     CATALOG,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ast
 import builtins
-import collections
 import concurrent.futures
 import difflib
+import functools
 import importlib
 import importlib.util
 import json
@@ -205,22 +205,19 @@ os.write(result, json.dumps(passed).encode())
 os._exit(0)
 """
 
-_CACHE: collections.OrderedDict = collections.OrderedDict()  # a job's results: unit_test_pass and _fraction share runs
-_CACHE_SIZE = 4096
-
-
 def _results(completions: list[str], columns: dict, timeout: float) -> list[list[bool]]:
     """Which asserts pass, per completion; candidates run in parallel, one subprocess each, up to one per core."""
     jobs = [(extract_code(c), setup, tuple(asserts), timeout)
             for c, (setup, asserts) in zip(completions, row_tests(len(completions), **columns))]
-    todo = [job for job in dict.fromkeys(jobs) if job not in _CACHE]
-    if todo:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-            for job, passed in zip(todo, pool.map(lambda job: run_in_sandbox(*job), todo)):
-                _CACHE[job] = passed
-                while len(_CACHE) > _CACHE_SIZE:
-                    _CACHE.popitem(last=False)
-    return [_CACHE[job] if job in _CACHE else run_in_sandbox(*job) for job in jobs]
+    unique = list(dict.fromkeys(jobs))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(unique), os.cpu_count() or 1) or 1) as pool:
+        done = dict(zip(unique, pool.map(lambda job: _cached_run(*job), unique)))
+    return [list(done[job]) for job in jobs]
+
+
+@functools.lru_cache(maxsize=4096)  # unit_test_pass and unit_test_fraction on the same candidates share one run
+def _cached_run(code: str, setup: str, asserts: tuple[str, ...], timeout: float) -> tuple[bool, ...]:
+    return tuple(run_in_sandbox(code, setup, asserts, timeout))
 
 
 def run_in_sandbox(code: str, setup: str, asserts: tuple[str, ...], timeout: float) -> list[bool]:

@@ -205,6 +205,8 @@ def reply_logps(model, ids: list[tuple[list[int], list[int]]], pad_id: int, bf16
     """log pi(reply | prompt) of (prompt ids, reply ids) pairs, summed over the reply's tokens (mean with average)."""
     import torch
 
+    from nlpkit.ppo.core import logprobs_from_logits
+
     device, out = next(model.parameters()).device, []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
@@ -216,7 +218,7 @@ def reply_logps(model, ids: list[tuple[list[int], list[int]]], pad_id: int, bf16
         tokens, mask, reply = tokens.to(device), mask.to(device), reply[:, 1:].to(device)
         with torch.inference_mode(), autocast(bf16, device):
             logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()
-        per_token = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * reply
+        per_token = logprobs_from_logits(logits, tokens[:, 1:], 1.0) * reply
         total = per_token.sum(-1)
         out += (total / reply.sum(-1).clamp(min=1) if average else total).tolist()
     return out

@@ -168,6 +168,28 @@ def write_toy_prompts(path: Path, count: int, seed: int) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def toy_reward_model(tmp_path_factory, toy_llama):
+    """A reward model for positive words, trained with `nlpkit finetune` (stage: reward) on the toy vocabulary."""
+    import yaml
+    from helpers import nlpkit
+
+    tmp = tmp_path_factory.mktemp("toy-rm")
+    recipe = {
+        "stage": "reward",
+        "model": {"name": str(toy_llama)},
+        "data": {"train": str(write_toy_preferences(tmp / "train.jsonl", 1200, seed=1)),
+                 "eval": str(write_toy_preferences(tmp / "test.jsonl", 200, seed=2)), "max_length": 32},
+        "train": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 0,
+                  "logging_steps": 20, "save_strategy": "no", "bf16": False},
+    }
+    (tmp / "rm.yaml").write_text(yaml.safe_dump(recipe))
+    result = nlpkit("finetune", tmp / "rm.yaml", "--output-dir", tmp / "rm", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["eval_pair_accuracy"] >= 0.85, result.json()
+    return tmp / "rm"
+
+
 # ---------------------------------------------------------------------------------------------- code problems
 CODE_PROBLEMS = [  # MBPP's columns and shape: the function's name appears only in the asserts
     {"task_id": 1, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",

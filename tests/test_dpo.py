@@ -76,6 +76,38 @@ def test_dpo_with_lora_starts_at_log2_trains_only_the_adapter_and_eval_reproduce
     assert chat.code == 0, chat.stderr
 
 
+def test_dpo_answers_the_prompts_ppo_holds_out_before_and_after(tmp_path, tiny_llama, toy_reward_model):
+    from nlpkit.data import split_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    with prompts.open("w") as f:
+        for i, row in enumerate(read_file(FIXTURES / "instructions.jsonl").rows):
+            f.write(json.dumps({"prompt": row["instruction"], "source": "hh" if i % 2 else "dolly"}) + "\n")
+    held = {"eval_prompts": 4, "prompts": str(prompts), "score_with": str(toy_reward_model), "response_length": 8}
+    run = tmp_path / "run"
+    result = nlpkit("finetune", dpo_recipe(tmp_path, tiny_llama, dpo=held), "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    metrics = result.json()
+    answers = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
+    rows = read_file(prompts)
+    assert [a["prompt"] for a in answers] == [r["prompt"] for r in split_prompts(rows, "prompt", 4, 42, None)[1]]
+    assert metrics["eval_prompts"] == 4 and set(metrics["eval_refusal_rate_by_source_after"]) <= {"hh", "dolly"}
+    assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_score_after"] - metrics["eval_score_before"])
+    assert all(a["length_after"] <= 8 and a["kl_after"] >= 0 for a in answers) and metrics["eval_kl_after"] > 0
+    assert "held-out answers to 4 prompts: score" in result.stderr
+
+
+def test_dpo_eval_prompts_need_a_prompt_file(tmp_path, tiny_llama):
+    result = nlpkit("finetune", dpo_recipe(tmp_path, tiny_llama, dpo={"eval_prompts": 4}), "--output-dir",
+                    tmp_path / "run")
+    assert result.code == 2 and "dpo.eval_prompts needs dpo.prompts" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+    missing = {"eval_prompts": 4, "prompts": "ppo_prompts", "score_with": str(tmp_path / "no-rm")}
+    result = nlpkit("finetune", dpo_recipe(tmp_path, tiny_llama, dpo=missing), "--output-dir", tmp_path / "run")
+    assert result.code == 2 and f"dpo.score_with {tmp_path / 'no-rm'}: not a reward model directory" in result.stderr
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
 def test_full_dpo_changes_every_weight_and_leaves_the_reference_as_it_was(tmp_path, tiny_llama, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -35,7 +35,7 @@ from helpers import nlpkit
 from test_classify import CASES, make_recipe
 from test_reliability import classify_recipe, finetune, log_steps
 from test_reward import reward_recipe
-from test_rlhf import grpo_recipe, read_log, rlhf_recipe, toy_reward_model  # noqa: F401 - toy_reward_model is a fixture
+from test_rlhf import grpo_recipe, read_log, rlhf_recipe
 from test_sft import sft_recipe
 
 
@@ -268,7 +268,7 @@ def test_finetune_reward_on_cuda(tmp_path, toy_llama):
 # ---------------------------------------------------------------------------------------------- rlhf
 
 
-def test_rlhf_ppo_on_cuda(tmp_path, toy_llama, toy_reward_model):  # noqa: F811 - the fixture
+def test_rlhf_ppo_on_cuda(tmp_path, toy_llama, toy_reward_model):
     out = tmp_path / "ppo"
     recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, total_episodes=64, eval_prompts=8,
                          num_sample_generations=2)

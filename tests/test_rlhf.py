@@ -8,29 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import POSITIVE, write_toy_preferences, write_toy_prompts
+from conftest import POSITIVE, write_toy_prompts
 from helpers import nlpkit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def toy_reward_model(tmp_path_factory, toy_llama):
-    """A reward model for positive words, trained with `nlpkit finetune` (stage: reward) on the toy vocabulary."""
-    tmp = tmp_path_factory.mktemp("toy-rm")
-    recipe = {
-        "stage": "reward",
-        "model": {"name": str(toy_llama)},
-        "data": {"train": str(write_toy_preferences(tmp / "train.jsonl", 1200, seed=1)),
-                 "eval": str(write_toy_preferences(tmp / "test.jsonl", 200, seed=2)), "max_length": 32},
-        "train": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 0,
-                  "logging_steps": 20, "save_strategy": "no", "bf16": False},
-    }
-    (tmp / "rm.yaml").write_text(yaml.safe_dump(recipe))
-    result = nlpkit("finetune", tmp / "rm.yaml", "--output-dir", tmp / "rm", "--json")
-    assert result.code == 0, result.stderr
-    assert result.json()["eval_pair_accuracy"] >= 0.85, result.json()
-    return tmp / "rm"
 
 
 def rlhf_recipe(tmp_path, policy, reward_model, lora=False, **ppo) -> str:
@@ -78,6 +59,12 @@ def test_ppo_toy_learns_positive_words_within_a_kl_budget(tmp_path, toy_llama, t
     for key in ("eval_score_before", "eval_score_after", "eval_score_gain", "objective/kl"):
         assert key in metrics
     assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_score_after"] - metrics["eval_score_before"])
+    # the held-out answers, both of them for each prompt, with the KL of the trained policy to the reference
+    answers = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
+    assert len(answers) == metrics["eval_prompts"] == 32
+    assert sum(a["score_after"] for a in answers) / 32 == pytest.approx(metrics["eval_score_after"], abs=1e-5)
+    assert all(a["kl_after"] >= 0 for a in answers) and metrics["eval_kl_after"] > 0 and "kl_before" not in answers[0]
+    assert metrics["eval_refusal_rate_before"] == metrics["eval_refusal_rate_after"] == 0  # no refusals in the toy
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["update"] for s in samples} >= {1, 30}
     late = " ".join(s["response"] for s in samples if s["update"] == 30).split()

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nlpkit.errors import NlpkitError, describe_validation, did_you_mean
 
@@ -245,6 +245,25 @@ class DPOSection(Section):
     beta: float = Field(0.1, gt=0)  # higher = closer to the reference; orpo: the odds-ratio weight (lambda)
     # Reference log-probs computed once before training: no reference model held while training (full fine-tuning).
     precompute_ref_log_probs: bool = False
+    # Held-out answers, as ppo.eval_prompts: N prompts of the prompt file `prompts` (the N that an rlhf recipe on the
+    # same file and train.seed holds out), answered greedily with at most response_length tokens by the start model
+    # and the trained one; with score_with, scored by that reward model (a run directory, or a reward: section for
+    # its prompt_template); KL to the start model, EOS rate, length and refusal rate (nlpkit/heldout.py).
+    eval_prompts: int = Field(0, ge=0)
+    prompts: str | None = None
+    score_with: RewardSection | None = None
+    response_length: int = Field(48, gt=0)
+
+    @field_validator("score_with", mode="before")
+    @classmethod
+    def _run_dir(cls, value):
+        return {"model": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _prompts_for_answers(self):
+        if self.eval_prompts and self.prompts is None:
+            raise ValueError("dpo.eval_prompts needs dpo.prompts: a prompt file or catalog name (ppo_prompts)")
+        return self
 
 
 class Recipe(Section):

@@ -101,24 +101,27 @@ def score_ids(model, ids: list[list[int]], pad_id: int, bf16: bool) -> list[floa
     return scores_at(per_token, lengths - 1).tolist()
 
 
-def load_reward_model(ref: str, key: str):
-    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def check_reward_model(ref: str, key: str) -> None:
+    """That `ref` is a reward model directory: checked before training where scoring comes only at the end."""
+    from transformers import AutoConfig
 
-    path = Path(ref)
-    if not (path / "config.json").is_file():
+    if not (Path(ref) / "config.json").is_file():
         raise NlpkitError(f"{key} {ref}: not a reward model directory (no config.json); give the output directory of "
                           "a `stage: reward` run")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(ref)
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
         raise NlpkitError(f"{key} {ref}: not a reward model (architectures {architectures}, num_labels "
                           f"{config.num_labels}); it must be a sequence classifier with num_labels=1, as "
                           "`nlpkit finetune` with stage: reward writes")
+
+
+def load_reward_model(ref: str, key: str):
+    """A reward run (full or adapter, merged) or a saved sequence classifier with num_labels=1, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    check_reward_model(ref, key)
+    path = Path(ref)
     tokenizer = distinct_pad(AutoTokenizer.from_pretrained(path), key, fix=False)
     if (path / "adapter_config.json").is_file():
         # Dequantized first: a 4-bit reward run merges into plain weights that can be cast and moved.

@@ -20,18 +20,21 @@ failure there never loses it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib
 import time
 from pathlib import Path
 
-from nlpkit import report, runs, training
+from nlpkit import heldout, report, runs, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import DPOSection, Recipe
-from nlpkit.data import default_eval_source, kto_chats, open_source, preference_chats, subsample
+from nlpkit.data import (default_eval_source, kto_chats, open_source, preference_chats, prompt_column, split_prompts,
+                         subsample)
 from nlpkit.errors import NlpkitError
-from nlpkit.models import bf16_is_fast, chat_tokenizer, load_tokenizer
-from nlpkit.scoring import preference_metrics
+from nlpkit.models import bf16_is_fast, chat_tokenizer, distinct_pad, load_tokenizer
+from nlpkit.scoring import Scorer, check_reward_model, preference_metrics
 
 # stage -> trl module, trainer, config. trl marks ORPO and CPO (SimPO) experimental.
 TRAINERS = {"dpo": ("trl", "DPOTrainer", "DPOConfig"), "kto": ("trl", "KTOTrainer", "KTOConfig"),
@@ -48,6 +51,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     checkpoint = training.resume_point(output_dir, cfg, resume)
     set_seed(cfg.train.seed)
     dpo = cfg.dpo or DPOSection()
+    if dpo.score_with and dpo.score_with.model:  # read only at the end: a wrong path fails now, not after training
+        check_reward_model(dpo.score_with.model, "dpo.score_with")
     tokenizer = chat_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template)
     train_rows = open_source(cfg.data.train, "train", "data.train", cfg.data.mirror)
     if cfg.stage == "kto":  # shuffled once here: trl's KTO reads rows in order (its KL term pairs neighbours)
@@ -102,6 +107,8 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                                       bf16=bf16, reference=reference)
         report.info(f"implicit-reward pair accuracy {metrics['eval_pair_accuracy']:.3f}, mean margin "
                     f"{metrics['eval_mean_margin']:.3f} on {metrics['eval_pairs']} held-out pairs")
+    if dpo.eval_prompts:
+        metrics |= heldout_answers(cfg, dpo, trainer.model, reference, bf16, output_dir)
     task = {"format": "kto" if cfg.stage == "kto" else "preference", "max_length": cfg.data.max_length, "bf16": bf16,
             "labels": None}
     report.write_run(output_dir, cfg, metrics, task=task, datasets=[train_rows] + ([eval_rows] if eval_rows else []),
@@ -110,6 +117,29 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def heldout_answers(cfg: Recipe, dpo: DPOSection, policy, reference, bf16: bool, output_dir: Path) -> dict:
+    """dpo.eval_prompts: the start model's and the trained model's greedy answers to the prompts an rlhf recipe on
+    dpo.prompts with the same seed holds out, scored by dpo.score_with, with the KL to the start model. With LoRA
+    the start model is the policy with its adapter disabled; without, the reference (orpo/simpo: loaded again)."""
+    from transformers import AutoModelForCausalLM
+
+    rows = open_source(dpo.prompts, "train", "dpo.prompts", cfg.data.mirror)
+    _, prompts = split_prompts(rows, prompt_column(rows, None), held=dpo.eval_prompts, seed=cfg.train.seed, limit=None)
+    tokenizer = distinct_pad(chat_tokenizer(load_tokenizer(cfg.model), cfg.data.chat_template), "model.name")
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    device = policy.device
+    scorer = Scorer(dpo.score_with, bf16, device) if dpo.score_with else None
+    if cfg.peft is None and reference is None:
+        reference = runs.load_start(cfg.model, AutoModelForCausalLM, frozen=True).to(device)
+    answer = functools.partial(heldout.answer, tokenizer=tokenizer, prompts=prompts, max_new_tokens=dpo.response_length,
+                               stop_ids=[tokenizer.eos_token_id], bf16=bf16, device=device, scorer=scorer)
+    with policy.disable_adapter() if cfg.peft is not None else contextlib.nullcontext():
+        before = answer(policy if cfg.peft is not None else reference)
+    metrics = heldout.before_after(before, answer(policy, kl_to=reference or "adapter"), output_dir)
+    report.info(heldout.describe(metrics))
+    return metrics
 
 
 def trainer_arguments(cfg: Recipe, dpo: DPOSection, output_dir: Path, bf16: bool) -> dict:

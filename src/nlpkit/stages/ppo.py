@@ -28,7 +28,7 @@ import random
 import time
 from pathlib import Path
 
-from nlpkit import report, training
+from nlpkit import heldout, report, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
@@ -72,8 +72,9 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     scorer, policy, reference, value_model = load_models(cfg, ppo, tokenizer, bf16, device)
     updates = core.num_updates(ppo.total_episodes, ppo.batch_size)  # [23]
     optimizer, scheduler = make_optimizer(cfg, policy, value_model, updates)
-    metrics = {f"{k}_before": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo, stop_ids, bf16,
-                                                     device).items()} if eval_prompts and main else {}
+    before = heldout.answer(policy, tokenizer, eval_prompts, ppo.response_length, stop_ids, bf16, device,
+                            scorer) if eval_prompts and main else []
+    metrics = {}
     reward_bias = 0.0
     if ppo.reward_baseline_prompts:  # [10] computed again on --resume: the same prompts, seed and reference
         torch.manual_seed(cfg.train.seed)
@@ -123,14 +124,14 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                                                            "train_runtime": round(time.time() - loop_started, 1)}
     if not main:
         return metrics
+    save_policy(output_dir, cfg, policy, tokenizer, context_length)  # first: a failing evaluation never loses it
     if eval_prompts:
-        metrics |= {f"{k}_after": v for k, v in evaluate(policy, tokenizer, scorer, eval_prompts, ppo,
-                                                         stop_ids, bf16, device).items()}
-        metrics["eval_score_gain"] = metrics["eval_score_after"] - metrics["eval_score_before"]
-        metrics["eval_prompts"] = len(eval_prompts)
-    trackers.log(updates, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        after = heldout.answer(policy, tokenizer, eval_prompts, ppo.response_length, stop_ids, bf16, device, scorer,
+                               kl_to=reference or "adapter")
+        metrics |= heldout.before_after(before, after, output_dir)
+        report.info(heldout.describe(metrics))
+    trackers.log(updates, {k: v for k, v in metrics.items() if k.startswith("eval_") and not isinstance(v, dict)})
     trackers.close()
-    save_policy(output_dir, cfg, policy, tokenizer, context_length)
     task = {"prompt_column": column, "stop_token_ids": stop_ids, "bf16": bf16, "labels": None,
             "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)}
     report.write_run(output_dir, cfg, metrics, task=task, datasets=datasets_used, started=started)
@@ -321,23 +322,6 @@ def log_samples(path: Path, rows: list[dict], shown: int = 3) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation and saving
 
 
-def evaluate(policy, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection, stop_ids: list[int],
-             bf16: bool, device, batch_size: int = 16) -> dict:
-    """Greedy responses to held-out prompts, scored without the EOS penalty: what a user of the policy would get."""
-    import torch
-
-    def greedy(queries):
-        out = policy.generate(input_ids=queries, attention_mask=(queries != tokenizer.pad_token_id).long(),
-                              max_new_tokens=ppo.response_length, do_sample=False,
-                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        return out[:, queries.shape[1]:]
-
-    policy.eval()
-    with torch.no_grad(), autocast(bf16, device):
-        scores, stops = respond_and_score(greedy, tokenizer, scorer, prompts, stop_ids, batch_size, device)
-    return {"eval_score": sum(scores) / len(scores), "eval_eos_rate": sum(stops) / len(stops)}
-
-
 def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection,
                          stop_ids: list[int], bf16: bool, device, rank: int, world: int, gather) -> float:
     """[10] The mean score (no EOS penalty) of responses the reference samples as in the rollout; each process
@@ -375,8 +359,9 @@ def respond_and_score(respond, tokenizer, scorer: Scorer, prompts: list[dict], s
 def save_policy(output_dir: Path, cfg: Recipe, policy, tokenizer, context_length: int) -> None:
     """The policy only [25] (with LoRA: the adapter), with the tokenizer and configs `nlpkit chat` and serve read."""
     policy.save_pretrained(output_dir)  # with LoRA: the adapter only
-    tokenizer.padding_side, tokenizer.model_max_length = "right", context_length  # as chat and serve read it
-    tokenizer.save_pretrained(output_dir)
+    saved = copy.copy(tokenizer)  # the rollout's own (left padding, prompt-length cap) still answers the eval prompts
+    saved.padding_side, saved.model_max_length = "right", context_length  # as chat and serve read it
+    saved.save_pretrained(output_dir)
     base = policy.get_base_model() if cfg.peft is not None else policy
     base.generation_config.save_pretrained(output_dir)
     if cfg.peft is not None:

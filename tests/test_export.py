@@ -104,6 +104,19 @@ def test_q8_0_is_reported_and_stored_in_8_bits(tmp_path, tiny_llama):
     assert report["size_mb"] < 0.2  # f16: 0.24 MB (q8_0 stores 34 bytes per 32 weights, f16 64)
 
 
+def test_f32_keeps_the_weights_unrounded(tmp_path, tiny_llama):
+    import gguf
+
+    out = tmp_path / "tiny-f32.gguf"
+    result = nlpkit("export", tiny_llama, "--outtype", "f32", "--output", out, "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    assert report["target"] == 1e-2 and report["max_abs_logits_diff"] <= 1e-5 and report["argmax_agreement"] == 1.0
+    fields, tensors = read(out)
+    assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
 @pytest.fixture(scope="module")
 def sft_lora_run(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("export-sft")

@@ -25,7 +25,7 @@ from nlpkit.errors import NlpkitError
 from nlpkit.report import info, print_metrics, warn
 
 FORMATS = ("gguf",)
-OUTTYPES = {"f16": "F16", "q8_0": "Q8_0"}  # --outtype -> the gguf package's quantization type
+OUTTYPES = {"f16": "F16", "q8_0": "Q8_0", "f32": "F32"}  # --outtype -> the gguf package's quantization type
 SUPPORTED = ("Llama-family causal LMs (config model_type llama: Llama 2, TinyLlama, SmolLM/SmolLM2) with default "
              "RoPE, no biases and a byte-level BPE tokenizer")
 # Against the source: rounding the weights to f16 is all that moves the logits (q8_0: reported, not judged). On
@@ -90,13 +90,13 @@ def export(ref: str, fmt: str, outtype: str, output: Path | None) -> dict:
         "argmax_agreement": sum(int((w.argmax(-1) == g.argmax(-1)).sum()) for w, g in zip(reference, reloaded))
         / positions,
         "check_prompts": len(texts), "check_positions": positions,
-        "target": F16_TARGET if outtype == "f16" else None,
+        "target": F16_TARGET if outtype in ("f16", "f32") else None,
         "tokenizer_round_trip": tokenizer_same, "chat_template_round_trip": back.chat_template == tokenizer.chat_template,
         "write_s": written - start, "verify_s": time.perf_counter() - written, "wall_s": time.perf_counter() - start,
         "modelfile": modelfile(out, tokenizer),
     }
     info(f"round trip: max |logits difference| {result['max_abs_logits_diff']:.2e} against the source"
-         + (f" (target <= {F16_TARGET:g})" if outtype == "f16" else "")
+         + (f" (target <= {F16_TARGET:g})" if outtype in ("f16", "f32") else "")
          + f", {layout_diff:.2e} against the source rounded to {outtype} (only the file's layout shows here); top-1 "
          f"agreement {result['argmax_agreement']:.1%} over {len(texts)} prompts, {positions} positions")
     if not tokenizer_same:
@@ -194,7 +194,7 @@ def write_gguf(model, tokenizer, path: Path, qtype_name: str, name: str) -> int:
     if head_dim * heads != config.hidden_size:  # llama.cpp assumes hidden / heads otherwise
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype_name}"])
+    writer.add_file_type(gguf.LlamaFileType["ALL_F32" if qtype_name == "F32" else f"MOSTLY_{qtype_name}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, config.vocab_size)
 
@@ -236,12 +236,12 @@ def rotary_pairs_adjacent(weight, heads: int):
 
 
 def encode(data, qtype):
-    """Vectors (norms) stay fp32, as llama.cpp keeps them; matrices in the asked type. A matrix whose rows do not
+    """Vectors (norms) stay fp32, as llama.cpp keeps them; matrices in the asked type (f32: the weights unrounded). A matrix whose rows do not
     split into q8_0's blocks of 32 falls back to f16, as llama.cpp's converter does."""
     import gguf
     import numpy as np
 
-    if data.ndim == 1:
+    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if qtype == gguf.GGMLQuantizationType.F16 or data.shape[-1] % block:

@@ -113,7 +113,7 @@ def export(
     model: Annotated[str, typer.Argument(help="An sft or rlhf run (its adapter merged first), or a Llama-family "
                                          "causal LM (alias, directory).")],
     format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama.")] = "gguf",
-    outtype: Annotated[str, typer.Option("--outtype", help="f16 or q8_0.")] = "f16",
+    outtype: Annotated[str, typer.Option("--outtype", help="f16, q8_0 or f32 (unrounded: twice f16's size).")] = "f16",
     output: Annotated[Optional[Path], typer.Option("--output", help="Default: <model>-<outtype>.gguf.")] = None,
     as_json: JsonOpt = False,
 ):

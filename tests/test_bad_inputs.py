@@ -224,7 +224,7 @@ CASES = {
         "--format onnx: nlpkit exports gguf (llama.cpp, Ollama)"),
     "export with an unknown outtype": (
         lambda t, m: ["export", str(m), "--outtype", "q4_0", "--output", str(t / "m.gguf")],
-        "--outtype q4_0: choose one of f16, q8_0"),
+        "--outtype q4_0: choose one of f16, q8_0, f32"),
     "export of a non-Llama model": (
         lambda t, m: ["export", str(m), "--output", str(t / "m.gguf")],
         "model_type bert (BertModel); GGUF export supports Llama-family causal LMs (config model_type llama"),

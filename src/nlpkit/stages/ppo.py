@@ -32,7 +32,7 @@ from nlpkit import heldout, report, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
-from nlpkit.distributed import average_gradients, process_device, process_group
+from nlpkit.distributed import process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
 from nlpkit.models import autocast, bf16_is_fast, distinct_pad, load_model, load_tokenizer, weights_dtype
 from nlpkit.ppo import core
@@ -92,7 +92,6 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
     trackers = training.LoopTrackers(cfg, output_dir) if main else None  # train.report_to
-    sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
     for update in range(first_update, updates + 1):
         chunk, pool = next_prompts(pool, order, train_prompts, ppo.batch_size)
         share = range(rank * per_process, (rank + 1) * per_process)  # this process's episodes of the update
@@ -100,7 +99,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, seeds, ppo, stop_ids, bf16,
                                device, all_sum, kl_coef=kl_coef, reward_bias=reward_bias)
         stats = train_on_rollout(policy, value_model, optimizer, rollout, ppo, cfg.train.gradient_accumulation_steps,
-                                 generator, bf16, sync_grads)
+                                 generator, bf16, all_sum, world)
         scheduler.step()
         episode += ppo.batch_size
         stats = core.combine_process_stats(gather(stats | rollout["stats"]))  # over every process's episodes

@@ -494,6 +494,34 @@ def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, t
     assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())
 
 
+def test_ppo_in_two_processes_trains_like_one_process_with_the_same_batch(tmp_path, toy_llama, toy_reward_model):
+    """1 process = 2 processes, as tests/test_distributed.py checks for the other stages: in fp32, the same episodes
+    (each one's tokens drawn from its own seed, whichever process samples it) and the same gradient (the token mean
+    of the whole minibatch, over processes and micro-batches) give the same KL and scores every update, and the same
+    weights. One minibatch per epoch: the processes' shares of a minibatch are the one process's minibatch."""
+    from safetensors.torch import load_file
+
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, total_episodes=32, batch_size=8, num_mini_batches=1,
+                         response_length=8, eval_prompts=0)
+    raw = yaml.safe_load(Path(recipe).read_text())
+    raw["train"]["gradient_accumulation_steps"] = 2  # micro-batches of 4 episodes in one process, of 2 in two
+    Path(recipe).write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_process(recipe, one).wait() == 0, one.with_suffix(".err").read_text()
+    assert rlhf_process(recipe, two, "--num-processes", "2").wait() == 0, two.with_suffix(".err").read_text()
+    single, double = read_log(one), read_log(two)
+    assert [e["step"] for e in single] == [e["step"] for e in double] == [1, 2, 3, 4]
+    for a, b in zip(single, double):
+        for key in ("objective/kl", "objective/scores"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+    a, b = (load_file(run / "model.safetensors") for run in (one, two))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # and the policy moved (its KL left the exact 0 of a copy of the reference): not the equality of untrained copies
+    assert single[0]["objective/kl"] == 0.0 and single[-1]["objective/kl"] != 0.0
+    base = load_file(toy_llama / "model.safetensors")
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+
+
 def test_full_weight_ppo_imports_neither_peft_nor_trl_nor_datasets(tmp_path, toy_llama):
     """Unused imports are most of a small PPO run's peak memory (benchmarks/ppo_vs_trl.py): peft alone (with the
     bitsandbytes it imports) is ~50 MB. A fresh process, since this test process has imported them all already."""

@@ -145,6 +145,23 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped():  # [20]
     assert stats["clipfrac"].item() == pytest.approx(0.5)
 
 
+def test_losses_of_the_parts_of_a_minibatch_add_up_to_its_token_mean():  # [21]
+    """With the whole minibatch's token count as normaliser, parts holding different numbers of valid tokens (the
+    micro-batches, or the processes' shares) add up to the loss of the whole; their own means would not."""
+    torch.manual_seed(0)
+    new, old, adv, values, returns = (torch.randn(4, 3) for _ in range(5))
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]]).bool()
+    halves = (slice(0, 2), slice(2, 4))  # 4 and 3 valid tokens
+
+    def loss(rows, normaliser=None):
+        return (core.policy_loss(new[rows], old[rows], adv[rows], mask[rows], 0.2, normaliser)[0]
+                + core.value_loss(values[rows], old[rows], returns[rows], mask[rows], 0.2, normaliser)[0])
+
+    whole = loss(slice(None)).item()
+    assert sum(loss(rows, mask.sum()) for rows in halves).item() == pytest.approx(whole, abs=1e-6)
+    assert (sum(loss(rows) for rows in halves) / 2).item() != pytest.approx(whole, abs=1e-3)
+
+
 def test_minibatches_are_a_fresh_permutation_per_epoch_and_must_divide():  # [21]
     generator = torch.Generator().manual_seed(0)
     first = core.minibatches(8, 2, generator)

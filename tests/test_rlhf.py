@@ -114,7 +114,7 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
 
     from nlpkit.recipes import load_recipe
     from nlpkit.ppo import core
-    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.rollout import episode_seeds, make_rollout
     from nlpkit.ppo.update import train_on_rollout
     from nlpkit.scoring import Scorer
     from nlpkit.stages.ppo import load_value_model
@@ -133,8 +133,8 @@ def test_one_update_changes_the_policy_and_value_but_never_the_reference(tmp_pat
     value_before = {k: v.clone() for k, v in value.state_dict().items()}
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
     batch = [{"prompt": "the cat sits"}, {"prompt": "a dog runs"}] * 8
-    rollout = make_rollout(policy, reference, value, tokenizer, scorer, batch, cfg.ppo,
-                           [tokenizer.eos_token_id], False, torch.device("cpu"))
+    rollout = make_rollout(policy, reference, value, tokenizer, scorer, batch, episode_seeds(0, 1, range(16)),
+                           cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
     assert rollout["stats"]["objective/kl"] == 0.0  # identical weights: k1 is exactly 0 [12]
     # values and log-probs hold their sentinels after the end [15]
     assert (rollout["values"][rollout["pad_mask"]] == 0).all()
@@ -207,7 +207,7 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     from nlpkit.adapters import apply_peft
     from nlpkit.recipes import load_recipe
     from nlpkit.models import autocast
-    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.rollout import episode_seeds, make_rollout
     from nlpkit.ppo.update import train_on_rollout
     from nlpkit.scoring import Scorer
     from nlpkit.stages.ppo import load_value_model
@@ -231,8 +231,8 @@ def test_with_lora_the_value_model_is_an_adapter_on_the_reward_model_which_keeps
     assert {p.dtype for p in base_rm.parameters() if not p.requires_grad} == {torch.bfloat16 if bf16 else torch.float32}
     with torch.no_grad(), autocast(bf16, torch.device("cpu")):  # [24] the value head starts as the reward head
         assert torch.equal(value(input_ids=ids).logits, reward_logits)
-    rollout = make_rollout(policy, None, value, tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id],
-                           bf16, torch.device("cpu"))
+    rollout = make_rollout(policy, None, value, tokenizer, scorer, batch, episode_seeds(0, 1, range(16)), cfg.ppo,
+                           [tokenizer.eos_token_id], bf16, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for m in (policy, value) for p in m.parameters() if p.requires_grad], lr=1e-2)
     train_on_rollout(policy, value, optimizer, rollout, cfg.ppo, 1, torch.Generator().manual_seed(0), bf16)
     with torch.no_grad(), autocast(bf16, torch.device("cpu")):
@@ -355,7 +355,7 @@ def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor(
     import torch
 
     from nlpkit.config import PPOSection
-    from nlpkit.ppo.rollout import sample
+    from nlpkit.ppo.rollout import GumbelSampler, sample
 
     class Recorder:
         def generate(self, input_ids, **kwargs):
@@ -366,13 +366,35 @@ def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor(
         pad_token_id = 0
 
     policy = Recorder()
-    responses = sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), PPOSection(response_length=5,
-                                                                                       temperature=0.7), [2])
+    responses = sample(policy, Tok(), torch.tensor([[0, 4, 5], [3, 4, 5]]), [11, 12],
+                       PPOSection(response_length=5, temperature=0.7), [2])
     assert responses.tolist() == [[7, 7, 7, 0, 0], [7, 7, 7, 0, 0]]  # padded to exactly response_length
     kwargs = policy.kwargs
-    assert kwargs["do_sample"] is True and kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0
-    assert kwargs["temperature"] == 0.7 and kwargs["max_new_tokens"] == 5 and kwargs["repetition_penalty"] == 1.0
+    # the Gumbel noise and the argmax sample; no top_k, top_p or temperature warper of generate's own
+    assert kwargs["do_sample"] is False and kwargs["num_beams"] == 1
+    assert not {"top_k", "top_p", "temperature"} & kwargs.keys()
+    [sampler] = kwargs["logits_processor"]
+    assert isinstance(sampler, GumbelSampler) and sampler.seeds == [11, 12] and sampler.temperature == 0.7
+    assert kwargs["max_new_tokens"] == 5 and kwargs["repetition_penalty"] == 1.0
+    assert kwargs["no_repeat_ngram_size"] == 0
     assert kwargs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]  # [2] left padding masked
+
+
+def test_gumbel_sampler_draws_from_softmax_at_t_with_each_rows_noise_from_its_own_seed():  # [4, 5]
+    import torch
+
+    from nlpkit.ppo.rollout import GumbelSampler
+
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    prompt = torch.zeros(20000, 3, dtype=torch.long)
+    picks = GumbelSampler(list(range(20000)), 0.7, 3)(prompt, logits.repeat(20000, 1)).argmax(1)
+    frequencies = torch.bincount(picks, minlength=4) / 20000
+    assert frequencies.tolist() == pytest.approx(torch.softmax(logits / 0.7, 0).tolist(), abs=0.01)
+
+    scores = torch.randn(3, 5)
+    batch = GumbelSampler([5, 6, 7], 0.7, 3)(prompt[:3], scores)
+    assert torch.equal(GumbelSampler([6], 0.7, 3)(prompt[:1], scores[1:2]), batch[1:2])  # alone or in a batch
+    assert not torch.equal(GumbelSampler([6], 0.7, 2)(prompt[:1], scores[1:2]), batch[1:2])  # another position
 
 
 def rlhf_process(recipe, out: Path, *flags):
@@ -461,13 +483,43 @@ def test_ppo_in_two_processes_logs_the_statistics_of_both(tmp_path, toy_llama, t
         assert len(rows) == 16
         assert entry["objective/scores"] == pytest.approx(sum(r["score"] for r in rows) / 16, abs=1e-5)
         assert entry["objective/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 16, abs=1e-5)
-    assert log[-1]["objective/kl"] > 0  # the policy moved
+    # The policy moved: with LoRA's B = 0 it is the reference, KL exactly 0, until its adapter changes. Not "> 0": a
+    # batch's mean k1 can be negative [12], and these few LoRA updates move the policy by ~1e-4 nats per token.
+    assert log[0]["objective/kl"] == 0.0 and log[-1]["objective/kl"] != 0.0
     for before, after in zip(log, log[1:]):  # [13] one coefficient for both processes, from the whole batch's KL
         assert after["objective/kl_coef"] == pytest.approx(core.adaptive_kl_coef(
             before["objective/kl_coef"], before["objective/kl"], 0.5, 64, 16))
     stderr = run.with_suffix(".err").read_text()
     assert stderr.count("update 1/4 ") == 1 and "eos" in stderr  # one process talks
     assert "eval_score_after" in json.loads(run.with_suffix(".out").read_text())
+
+
+def test_ppo_in_two_processes_trains_like_one_process_with_the_same_batch(tmp_path, toy_llama, toy_reward_model):
+    """1 process = 2 processes, as tests/test_distributed.py checks for the other stages: in fp32, the same episodes
+    (each one's tokens drawn from its own seed, whichever process samples it) and the same gradient (the token mean
+    of the whole minibatch, over processes and micro-batches) give the same KL and scores every update, and the same
+    weights. One minibatch per epoch: the processes' shares of a minibatch are the one process's minibatch."""
+    from safetensors.torch import load_file
+
+    recipe = rlhf_recipe(tmp_path, toy_llama, toy_reward_model, total_episodes=32, batch_size=8, num_mini_batches=1,
+                         response_length=8, eval_prompts=0)
+    raw = yaml.safe_load(Path(recipe).read_text())
+    raw["train"]["gradient_accumulation_steps"] = 2  # micro-batches of 4 episodes in one process, of 2 in two
+    Path(recipe).write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_process(recipe, one).wait() == 0, one.with_suffix(".err").read_text()
+    assert rlhf_process(recipe, two, "--num-processes", "2").wait() == 0, two.with_suffix(".err").read_text()
+    single, double = read_log(one), read_log(two)
+    assert [e["step"] for e in single] == [e["step"] for e in double] == [1, 2, 3, 4]
+    for a, b in zip(single, double):
+        for key in ("objective/kl", "objective/scores"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+    a, b = (load_file(run / "model.safetensors") for run in (one, two))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # and the policy moved (its KL left the exact 0 of a copy of the reference): not the equality of untrained copies
+    assert single[0]["objective/kl"] == 0.0 and single[-1]["objective/kl"] != 0.0
+    base = load_file(toy_llama / "model.safetensors")
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
 
 
 def test_full_weight_ppo_imports_neither_peft_nor_trl_nor_datasets(tmp_path, toy_llama):
@@ -504,7 +556,7 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nlpkit.recipes import load_recipe
-    from nlpkit.ppo.rollout import make_rollout
+    from nlpkit.ppo.rollout import episode_seeds, make_rollout
     from nlpkit.ppo.update import train_on_rollout
     from nlpkit.scoring import Scorer
     from nlpkit.stages.ppo import load_value_model, reference_score_bias
@@ -517,13 +569,12 @@ def test_reference_responses_average_zero_after_the_baseline_and_gradients_are_c
     scorer = Scorer(cfg.reward, False, torch.device("cpu"))
     value = load_value_model(cfg, cfg.ppo, tokenizer, scorer)
     batch = [{"prompt": p} for p in ("the cat sits", "a dog runs", "one bird", "two fish")] * 4
-    args = (tokenizer, scorer, batch, cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
-    torch.manual_seed(7)
-    bias = reference_score_bias(policy, reference, *args, rank=0, world=1, gather=lambda x: [x])
-    torch.manual_seed(7)
-    plain = make_rollout(policy, reference, value, *args)
-    torch.manual_seed(7)
-    rollout = make_rollout(policy, reference, value, *args, reward_bias=bias)
+    args = (cfg.ppo, [tokenizer.eos_token_id], False, torch.device("cpu"))
+    bias = reference_score_bias(policy, reference, tokenizer, scorer, batch, 7, *args, rank=0, world=1,
+                                gather=lambda x: [x])
+    seeds = episode_seeds(7, 0, range(len(batch)))  # the seeds of the baseline's responses: run seed 7, before update 1
+    plain = make_rollout(policy, reference, value, tokenizer, scorer, batch, seeds, *args)
+    rollout = make_rollout(policy, reference, value, tokenizer, scorer, batch, seeds, *args, reward_bias=bias)
     assert bias == pytest.approx(plain["scores"].mean().item(), abs=1e-5) and abs(bias) > 0.1
     assert rollout["scores"].mean().item() == pytest.approx(0.0, abs=1e-5)
 

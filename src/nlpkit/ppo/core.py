@@ -195,13 +195,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate: max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)), averaged over valid tokens [19]."""
+def token_sum(values: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
+    """The sum of values over the valid tokens, divided by normaliser: by default their count, which makes it their
+    mean. A part of a minibatch (a micro-batch, a process's share) divides by the minibatch's count instead, so that
+    the parts' losses add up to the minibatch's token mean [21]."""
+    return (values * mask.to(values.dtype)).sum() / (mask.sum() if normaliser is None else normaliser)
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float,
+                normaliser=None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate: max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)), summed over valid tokens and divided by
+    normaliser (default: their count, a mean) [19]."""
     logratio = new_logprobs - old_logprobs
     ratio = logratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_sum(torch.maximum(unclipped, clipped), mask, normaliser)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -211,13 +220,15 @@ def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float) 
     return loss, stats
 
 
-def value_loss(new_values, old_values, returns, mask, cliprange_value: float) -> tuple[torch.Tensor, dict]:
-    """0.5 * max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2), averaged over valid tokens [20]. Clipping keeps the
-    value model near the values the advantages were computed with."""
+def value_loss(new_values, old_values, returns, mask, cliprange_value: float,
+               normaliser=None) -> tuple[torch.Tensor, dict]:
+    """0.5 * max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2), summed over valid tokens and divided by normaliser
+    (default: their count, a mean) [20]. Clipping keeps the value model near the values the advantages were computed
+    with."""
     clipped_values = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
     unclipped_loss = (new_values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    loss = 0.5 * token_sum(torch.maximum(unclipped_loss, clipped_loss), mask, normaliser)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
     return loss, stats

@@ -7,25 +7,28 @@ sequence classifier whose score head is read at every response position [24].
 
 from __future__ import annotations
 
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from nlpkit.config import PPOSection
 from nlpkit.models import autocast
 from nlpkit.ppo import core
 
 
-def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[dict], ppo: PPOSection,
-                 stop_ids: list[int], bf16: bool, device, all_sum=None, kl_coef: float | None = None,
+def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[dict], seeds: list[int],
+                 ppo: PPOSection, stop_ids: list[int], bf16: bool, device, all_sum=None, kl_coef: float | None = None,
                  reward_bias: float = 0.0) -> dict:
-    """Generate, score and compute advantages for one batch of prompts, all without gradients [4]. With several
-    processes, all_sum makes the whitening statistics those of every process's episodes together. kl_coef: the
-    adaptive controller's current value (default ppo.kl_coef); reward_bias: the reference's mean score [10, 13]."""
-    import torch
-
+    """Generate, score and compute advantages for one batch of prompts, all without gradients [4]. seeds: one per
+    episode (episode_seeds), so that an episode's response does not depend on how the batch is split over processes.
+    With several processes, all_sum makes the whitening statistics those of every process's episodes together.
+    kl_coef: the adaptive controller's current value (default ppo.kl_coef); reward_bias: the reference's mean score
+    [10, 13]."""
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
     context = queries.shape[1]
     policy.eval()
     with torch.no_grad(), autocast(bf16, device):
-        responses = sample(policy, tokenizer, queries, ppo, stop_ids)
+        responses = sample(policy, tokenizer, queries, seeds, ppo, stop_ids)
         query_responses = torch.cat([queries, responses], 1)
         logprobs = forward_logprobs(policy, query_responses, context, responses, tokenizer.pad_token_id,
                                     ppo.temperature)
@@ -72,22 +75,50 @@ def make_rollout(policy, reference, value_model, tokenizer, scorer, batch: list[
             "pad_mask": pad_mask, "completions": completions, "scores": scores, "kl": kl.sum(1), "stats": stats}
 
 
-def sample(policy, tokenizer, queries, ppo: PPOSection, stop_ids: list[int]):
-    """Sample exactly up to response_length tokens: do_sample, top_k=0, top_p=1, temperature T [4]. Sequences that
-    stop early are padded to the full window, so every rollout has the same shape."""
-    import torch
-
+def sample(policy, tokenizer, queries, seeds: list[int], ppo: PPOSection, stop_ids: list[int]):
+    """Sample exactly up to response_length tokens from softmax(logits / T) [4], each row's noise from its own seed
+    (GumbelSampler): an episode gets the same tokens whichever batch or process samples it. Sequences that stop early
+    are padded to the full window, so every rollout has the same shape."""
     mask = (queries != tokenizer.pad_token_id).long()
-    # Every logits processor off but the temperature: the tokens must come from exactly softmax(logits / T), the
-    # distribution the log-probs are computed under [5]; a model's own repetition penalty would break that.
-    out = policy.generate(input_ids=queries, attention_mask=mask, max_new_tokens=ppo.response_length, do_sample=True,
-                          top_k=0, top_p=1.0, temperature=ppo.temperature, repetition_penalty=1.0,
+    # Every other logits processor off: the tokens must come from exactly softmax(logits / T), the distribution the
+    # log-probs are computed under [5]; a model's own repetition penalty would break that, and do_sample=False keeps
+    # its generation_config's top_k/top_p out. The argmax of the noisy scores (one beam) is the sample.
+    sampler = GumbelSampler(seeds, ppo.temperature, queries.shape[1])
+    out = policy.generate(input_ids=queries, attention_mask=mask, max_new_tokens=ppo.response_length, do_sample=False,
+                          num_beams=1, logits_processor=LogitsProcessorList([sampler]), repetition_penalty=1.0,
                           no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     responses = out[:, queries.shape[1]:]
     missing = ppo.response_length - responses.shape[1]
     if missing:
         responses = torch.cat([responses, responses.new_full((len(responses), missing), tokenizer.pad_token_id)], 1)
     return responses
+
+
+def episode_seeds(seed: int, update: int, indices) -> list[int]:
+    """One sampling seed per episode, from the run's seed, the update and the episode's index in the update's whole
+    batch: not from the process that samples it, so 1 and N processes (and a resumed run) draw the same tokens."""
+    return [mixed_seed(seed, update, index) for index in indices]
+
+
+def mixed_seed(*parts: int) -> int:
+    """A generator seed from several integers; Python hashes a tuple of ints the same in every process and run."""
+    return hash(parts) % 2**63
+
+
+class GumbelSampler(LogitsProcessor):
+    """Sampling by the Gumbel-max trick: scores / T + Gumbel noise, whose argmax is an exact sample from
+    softmax(scores / T). Row i's noise at each generated position comes from a generator seeded by (seeds[i],
+    position) alone, so a row's tokens do not depend on the other rows of its batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, prompt_length: int):
+        self.seeds, self.temperature, self.prompt_length = seeds, temperature, prompt_length
+
+    def __call__(self, input_ids, scores):
+        position = input_ids.shape[1] - self.prompt_length
+        generator = torch.Generator(device=scores.device)
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=generator.manual_seed(mixed_seed(seed, position)),
+                                          device=scores.device) for seed in self.seeds])
+        return scores / self.temperature - torch.log(-torch.log(uniform))  # -log(-log U) ~ Gumbel(0, 1)
 
 
 def forward_logprobs(model, query_responses, context: int, responses, pad_id: int, temperature: float):

@@ -32,12 +32,12 @@ from nlpkit import heldout, report, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import PPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records, split_prompts
-from nlpkit.distributed import average_gradients, process_device, process_group
+from nlpkit.distributed import process_device, process_group
 from nlpkit.errors import NlpkitError, TrainingStopped
 from nlpkit.models import autocast, bf16_is_fast, distinct_pad, load_model, load_tokenizer, weights_dtype
 from nlpkit.ppo import core
 from nlpkit.ppo.checkpoint import load_checkpoint, save_checkpoint
-from nlpkit.ppo.rollout import decode_responses, encode_prompts, make_rollout, sample
+from nlpkit.ppo.rollout import decode_responses, encode_prompts, episode_seeds, make_rollout, sample
 from nlpkit.ppo.update import train_on_rollout
 from nlpkit.scoring import Scorer, load_reward_model
 
@@ -77,10 +77,9 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     metrics = {}
     reward_bias = 0.0
     if ppo.reward_baseline_prompts:  # [10] computed again on --resume: the same prompts, seed and reference
-        torch.manual_seed(cfg.train.seed)
         reward_bias = metrics["reward_bias"] = reference_score_bias(
-            policy, reference, tokenizer, scorer, train_prompts[:ppo.reward_baseline_prompts], ppo, stop_ids, bf16,
-            device, rank, world, gather)
+            policy, reference, tokenizer, scorer, train_prompts[:ppo.reward_baseline_prompts], cfg.train.seed, ppo,
+            stop_ids, bf16, device, rank, world, gather)
 
     # ------------------------------------------------------------------ the loop
     log_path, samples_path = output_dir / "train_log.jsonl", output_dir / "samples.jsonl"
@@ -93,16 +92,14 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         training.truncate_log(samples_path, first_update - 1, key="update")
     save_every = cfg.train.save_steps if cfg.train.save_strategy == "steps" else 0
     trackers = training.LoopTrackers(cfg, output_dir) if main else None  # train.report_to
-    sync_grads = (lambda params: average_gradients(params, all_sum, world)) if world > 1 else None
     for update in range(first_update, updates + 1):
         chunk, pool = next_prompts(pool, order, train_prompts, ppo.batch_size)
-        batch = chunk[rank * per_process:(rank + 1) * per_process]  # this process's share of the update's episodes
-        # The sampling noise of each update, drawn per process, from the seed: a resumed run draws the same.
-        torch.manual_seed(hash((cfg.train.seed, rank, update)) % 2**63)
-        rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, ppo, stop_ids, bf16, device,
-                               all_sum, kl_coef=kl_coef, reward_bias=reward_bias)
+        share = range(rank * per_process, (rank + 1) * per_process)  # this process's episodes of the update
+        batch, seeds = [chunk[i] for i in share], episode_seeds(cfg.train.seed, update, share)
+        rollout = make_rollout(policy, reference, value_model, tokenizer, scorer, batch, seeds, ppo, stop_ids, bf16,
+                               device, all_sum, kl_coef=kl_coef, reward_bias=reward_bias)
         stats = train_on_rollout(policy, value_model, optimizer, rollout, ppo, cfg.train.gradient_accumulation_steps,
-                                 generator, bf16, sync_grads)
+                                 generator, bf16, all_sum, world)
         scheduler.step()
         episode += ppo.batch_size
         stats = core.combine_process_stats(gather(stats | rollout["stats"]))  # over every process's episodes
@@ -322,18 +319,27 @@ def log_samples(path: Path, rows: list[dict], shown: int = 3) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation and saving
 
 
-def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: list[dict], ppo: PPOSection,
-                         stop_ids: list[int], bf16: bool, device, rank: int, world: int, gather) -> float:
+def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: list[dict], seed: int,
+                         ppo: PPOSection, stop_ids: list[int], bf16: bool, device, rank: int, world: int,
+                         gather) -> float:
     """[10] The mean score (no EOS penalty) of responses the reference samples as in the rollout; each process
-    scores its share of the prompts. With LoRA the reference is the policy with its adapter disabled [26]."""
+    scores its share of the prompts. Each response's seed comes from its prompt's index (episode_seeds of update 0,
+    before the loop's first), so the bias is the same with any number of processes. With LoRA the reference is the
+    policy with its adapter disabled [26]."""
     import torch
 
     model = policy if reference is None else reference
     model.eval()
     without_adapter = policy.disable_adapter() if reference is None else contextlib.nullcontext()
+    share = range(rank, len(prompts), world)
+    seeds = episode_seeds(seed, 0, share)
+
+    def respond(queries, start: int):
+        return sample(model, tokenizer, queries, seeds[start:start + len(queries)], ppo, stop_ids)
+
     with torch.no_grad(), autocast(bf16, device), without_adapter:
-        scores, _ = respond_and_score(lambda queries: sample(model, tokenizer, queries, ppo, stop_ids), tokenizer,
-                                      scorer, prompts[rank::world], stop_ids, ppo.batch_size, device)
+        scores, _ = respond_and_score(respond, tokenizer, scorer, [prompts[i] for i in share], stop_ids,
+                                      ppo.batch_size, device)
     everything = [score for part in gather(scores) for score in part]
     bias = sum(everything) / len(everything)
     report.info(f"reward baseline: the reference policy's responses score {bias:+.3f} on average; subtracted from "
@@ -343,13 +349,13 @@ def reference_score_bias(policy, reference, tokenizer, scorer: Scorer, prompts: 
 
 def respond_and_score(respond, tokenizer, scorer: Scorer, prompts: list[dict], stop_ids: list[int],
                       batch_size: int, device) -> tuple[list[float], list[bool]]:
-    """Batch by batch: respond(queries) -> response ids, cut at the first stop token, scored without the EOS
-    penalty. Returns the scores and whether each response stopped."""
+    """Batch by batch: respond(queries, start) -> response ids (start: the index of the batch's first prompt), cut at
+    the first stop token, scored without the EOS penalty. Returns the scores and whether each response stopped."""
     scores, stops = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         queries = encode_prompts(tokenizer, [record["prompt"] for record in batch], device)
-        responses = respond(queries)
+        responses = respond(queries, start)
         ends, has_stop = core.end_indices(responses, stop_ids)
         scores += scorer.score(batch, decode_responses(tokenizer, queries, responses, ends, has_stop))
         stops += has_stop.tolist()

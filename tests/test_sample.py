@@ -8,13 +8,19 @@ import yaml
 
 from conftest import CODE_PROBLEMS, write_code_problems
 from helpers import nlpkit
-from nlpkit.data import open_source, preference_columns, prompt_column, prompt_records, read_file, sft_dataset
+from nlpkit.data import (open_source, preference_chats, preference_columns, prompt_column, prompt_records, read_file,
+                         sft_dataset)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def pair_user(pair: dict) -> str:
+    """The user turn inside a pair's ChatML-rendered prompt."""
+    return pair["prompt"].split("\n", 1)[1].split("<|im_end|>")[0]
 
 
 def test_code_rows_render_the_problem_with_one_assert_and_keep_every_test(tmp_path):
@@ -53,7 +59,7 @@ def test_sample_writes_scored_samples_and_pairs_that_train_a_reward_model(tmp_pa
         assert set(pair) == {"prompt", "chosen", "rejected"}  # DPO's columns and the reward stage's
         assert pair["prompt"].startswith("<|im_start|>user\nWrite a function")  # as the policy saw it
         assert pair["prompt"].endswith("<|im_start|>assistant\n")
-        user = pair["prompt"].split("\n", 1)[1].split("<|im_end|>")[0]
+        user = pair_user(pair)
         group = {c: t for (p, c), t in totals.items() if p == user}
         assert group[pair["chosen"]] == max(group.values()) > min(group.values()) == group[pair["rejected"]]
     assert len(preference_columns(read_file(out / "pairs.jsonl"))["chosen"]) == len(pairs)
@@ -69,6 +75,21 @@ def test_sample_writes_scored_samples_and_pairs_that_train_a_reward_model(tmp_pa
     assert trained.code == 0, trained.stderr
     assert trained.json()["eval_pairs"] == len(pairs)
     assert (tmp_path / "rm" / "model.safetensors").is_file()
+
+    # DPO reads the rendered prompt back as the chat it was (rendered once more by the template, not wrapped twice)
+    chats, _ = preference_chats(read_file(out / "pairs.jsonl"))
+    assert chats["prompt"][0] == [{"role": "user", "content": pair_user(pairs[0])}]
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "dpo", "model": {"name": str(tiny_llama)},
+        "data": {"train": str(out / "pairs.jsonl"), "eval": str(out / "pairs.jsonl"), "max_length": 96},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "save_strategy": "no",
+                  "bf16": False},
+    }))
+    trained = nlpkit("finetune", recipe, "--output-dir", tmp_path / "dpo", "--json")
+    assert trained.code == 0, trained.stderr
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
 
 
 def test_eval_on_a_code_set_reports_pass_rates(tmp_path, tiny_llama):

@@ -56,9 +56,15 @@ def pair_ids(tokenizer, pairs: dict[str, list], max_length: int) -> dict[str, li
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")  # the turn markers of HH-RLHF transcripts, and their roles:
 ROLES = {"Human": "user", "Assistant": "assistant"}
 
+CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\n?|$)", re.S)  # a ChatML-rendered prompt
+
+
 def transcript_messages(text: str) -> list[dict]:
-    """A text as chat messages: an HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...") turn by turn, any other
-    text as one user message. The model's chat template then renders it as SFT renders a conversation."""
+    """A text as chat messages: an HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...") or a ChatML rendering
+    (`nlpkit sample`'s pairs.jsonl: the prompt as SmolLM2 or Qwen saw it) turn by turn, any other text as one user
+    message. The model's chat template then renders it as SFT renders a conversation, never twice."""
+    if text.lstrip().startswith("<|im_start|>"):
+        return [{"role": role, "content": content.strip()} for role, content in CHATML_TURN.findall(text)]
     parts = HH_TURN.split(text)
     if len(parts) == 1:
         return [{"role": "user", "content": text.strip()}]

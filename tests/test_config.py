@@ -2,7 +2,7 @@
 
 import pytest
 
-from nlpkit.config import validate_recipe
+from nlpkit.recipes import validate_recipe
 from nlpkit.recipes import apply_override, load_recipe, recipes_dir
 from nlpkit.errors import NlpkitError
 

@@ -112,7 +112,8 @@ def test_full_dpo_changes_every_weight_and_leaves_the_reference_as_it_was(tmp_pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlpkit.config import DPOSection, validate_recipe
+    from nlpkit.config import DPOSection
+    from nlpkit.recipes import validate_recipe
     from nlpkit.stages import dpo
 
     recipe = validate_recipe(yaml.safe_load(Path(dpo_recipe(tmp_path, tiny_llama, peft=False)).read_text()))

@@ -16,7 +16,7 @@ LAYERS = [
     ["report"],
     ["adapters", "training"],
     ["scoring", "ppo", "ppo.rollout", "ppo.update", "ppo.checkpoint"],
-    ["evaluate", "data.check", "embed", "chat", "batching", "plan", "sample"],
+    ["evaluate", "data.check", "embed", "chat", "batching", "plan", "sample", "heldout"],
     ["stages", "stages.classify", "stages.sft", "stages.reward", "stages.ppo", "stages.grpo", "stages.dpo", "quantize",
      "serve", "export"],
     ["cli.common"],

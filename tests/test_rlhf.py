@@ -337,7 +337,7 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     """The prompt rows' other columns reach reward functions as keywords (gsm8k's `answer`)."""
     import torch
 
-    from nlpkit.config import validate_recipe
+    from nlpkit.recipes import validate_recipe
     from nlpkit.data import open_source, prompt_records
     from nlpkit.scoring import Scorer
 

@@ -324,7 +324,7 @@ def suggestions(cfg: Recipe, shape: dict, framework_mb: float, data_mb: float, b
     """Changes that shrink the estimate, each with its override and the new total (computed, not guessed)."""
     import copy
 
-    from nlpkit.config import validate_recipe
+    from nlpkit.recipes import validate_recipe
     from nlpkit.recipes import apply_override
 
     raw = {section: value for section, value in cfg.model_dump(mode="json").items() if value is not None}

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlpkit import models
-from nlpkit.config import ModelSection, Recipe, validate_recipe
+from nlpkit.config import ModelSection, Recipe
+from nlpkit.recipes import validate_recipe
 from nlpkit.distributed import place, process_device
 from nlpkit.errors import NlpkitError
 

@@ -314,7 +314,7 @@ def tracker_callbacks(train, output_dir: Path) -> list:
       (and MLFLOW_EXPERIMENT_NAME) say otherwise;
     - wandb: WANDB_MODE=offline unless set (`wandb sync` uploads later); trackio: its local store unless
       TRACKIO_SPACE_ID names a Space.
-    config.check_recipe has already refused a tracker that is not installed (exit 2 naming the extra)."""
+    recipes.check_recipe has already refused a tracker that is not installed (exit 2 naming the extra)."""
     import os
 
     from transformers.integrations import INTEGRATION_TO_CALLBACK

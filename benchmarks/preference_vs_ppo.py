@@ -53,7 +53,7 @@ def samples(runs: list[dict], count: int) -> str:
     out = []
     for i in range(count):
         out.append(f"\n**{runs[0]['rows'][i]['prompt']!r}**\n")
-        out.append(f"- before (every run's start model): {runs[0]['rows'][i]['answer_before']!r}")
+        out.append(f"- before ({runs[0]['name']}'s start model): {runs[0]['rows'][i]['answer_before']!r}")
         out += [f"- {run['name']}: {run['rows'][i]['answer_after']!r} ({run['rows'][i]['score_after']:+.2f})"
                 for run in runs]
     return "\n".join(out)

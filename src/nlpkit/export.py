@@ -96,7 +96,7 @@ def export(ref: str, fmt: str, outtype: str, output: Path | None) -> dict:
         "modelfile": modelfile(out, tokenizer),
     }
     info(f"round trip: max |logits difference| {result['max_abs_logits_diff']:.2e} against the source"
-         + (f" (target <= {F16_TARGET:g})" if outtype in ("f16", "f32") else "")
+         + (f" (target <= {result['target']:g})" if result["target"] is not None else "")
          + f", {layout_diff:.2e} against the source rounded to {outtype} (only the file's layout shows here); top-1 "
          f"agreement {result['argmax_agreement']:.1%} over {len(texts)} prompts, {positions} positions")
     if not tokenizer_same:
@@ -236,8 +236,8 @@ def rotary_pairs_adjacent(weight, heads: int):
 
 
 def encode(data, qtype):
-    """Vectors (norms) stay fp32, as llama.cpp keeps them; matrices in the asked type (f32: the weights unrounded). A matrix whose rows do not
-    split into q8_0's blocks of 32 falls back to f16, as llama.cpp's converter does."""
+    """Vectors (norms) stay fp32, as llama.cpp keeps them; matrices in the asked type (f32: the weights unrounded).
+    A matrix whose rows do not split into q8_0's blocks of 32 falls back to f16, as llama.cpp's converter does."""
     import gguf
     import numpy as np
 

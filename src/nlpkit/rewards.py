@@ -205,6 +205,7 @@ os.write(result, json.dumps(passed).encode())
 os._exit(0)
 """
 
+
 def _results(completions: list[str], columns: dict, timeout: float) -> list[list[bool]]:
     """Which asserts pass, per completion; candidates run in parallel, one subprocess each, up to one per core."""
     jobs = [(extract_code(c), setup, tuple(asserts), timeout)

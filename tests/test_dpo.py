@@ -214,9 +214,16 @@ def test_kto_takes_unpaired_rows_and_splits_pairs_into_good_and_bad(tmp_path, ti
 
 @pytest.mark.parametrize("stage", ["orpo", "simpo"])
 def test_orpo_and_simpo_train_a_few_steps(stage, tmp_path, tiny_llama):
+    # One pair's prompt fills max_length: trl's experimental trainers would keep it with an empty reply (nan loss).
+    long_pair = {"prompt": "\n\nHuman: " + "tell me a story " * 40 + "\n\nAssistant:", "chosen": " Yes.",
+                 "rejected": " No."}
+    recipe = dpo_recipe(tmp_path, tiny_llama, stage=stage)
+    train = tmp_path / "train.jsonl"
+    train.write_text((tmp_path / "pairs.jsonl").read_text() + json.dumps(long_pair) + "\n")
     run = tmp_path / "run"
-    result = nlpkit("finetune", dpo_recipe(tmp_path, tiny_llama, stage=stage), "--output-dir", run, "--json")
+    result = nlpkit("finetune", recipe, f"data.train={train}", "--output-dir", run, "--json")
     assert result.code == 0, result.stderr
+    assert "1 of 11 rows dropped: their prompt fills data.max_length=64" in result.stderr
     steps = [row for row in log(run) if "loss" in row]
     assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
     assert "rewards/margins" in steps[0]

@@ -19,6 +19,7 @@ from nlpkit.data.formats import (  # noqa: F401
     tokenize_classification,
 )
 from nlpkit.data.preference import (  # noqa: F401
+    chat_prompt_ids,
     chat_reply_ids,
     kto_chats,
     pair_ids,

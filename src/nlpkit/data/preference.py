@@ -126,12 +126,17 @@ def kto_chats(rows: Rows) -> dict[str, list]:
     return chats
 
 
+def chat_prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """Token ids of a chat prompt rendered with the model's template and its generation prompt."""
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
 def chat_reply_ids(tokenizer, prompt: list[dict], reply: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of a rendered prompt (with the generation prompt) and of its reply, as trl's preference trainers
     tokenize them (the reply starts where prompt + reply parts from the prompt alone), cut to max_length keeping
     the start: the reply is empty when the prompt fills it (trl drops such rows)."""
-    prompt_ids, full = (tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
-                        for messages, kwargs in ((prompt, {"add_generation_prompt": True}), (prompt + reply, {})))
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
     shared = len(os.path.commonprefix([prompt_ids, full]))
     return prompt_ids[:shared][:max_length], full[shared:][:max(max_length - shared, 0)]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from nlpkit import heldout, report, runs, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import DPOSection, Recipe
-from nlpkit.data import (default_eval_source, kto_chats, open_source, preference_chats, prompt_column, split_prompts,
+from nlpkit.data import (chat_prompt_ids, default_eval_source, kto_chats, open_source, preference_chats, prompt_column, split_prompts,
                          subsample)
 from nlpkit.errors import NlpkitError
 from nlpkit.models import bf16_is_fast, chat_tokenizer, distinct_pad, load_tokenizer
@@ -63,6 +63,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
         if same:
             report.warn(f"{train_rows.name}: {same} pair(s) whose chosen and rejected are the same text left out")
         train_set = datasets.Dataset.from_dict(subsample(pairs, cfg.data.max_train_samples, cfg.train.seed))
+    train_set = drop_filled_prompts(train_set, tokenizer, cfg.data.max_length, train_rows.name)
     eval_spec = cfg.data.eval or default_eval_source(cfg.data.train)
     eval_rows = open_source(eval_spec, "test", "data.eval", cfg.data.mirror) if eval_spec else None
     # Pair accuracy needs pairs: a kto eval file of unpaired rows has none.
@@ -90,7 +91,6 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
                    *training.tracker_callbacks(cfg.train, output_dir)],
         **({"ref_model": reference} if cfg.stage in REFERENCED else {}),
     )
-    check_rows_kept(len(trainer.train_dataset), len(train_set), train_rows.name, cfg.data.max_length)
 
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_rows": len(trainer.train_dataset)}
     trainer.save_model(str(output_dir))  # first: model or adapter, tokenizer with its chat template
@@ -159,11 +159,15 @@ def trainer_arguments(cfg: Recipe, dpo: DPOSection, output_dir: Path, bf16: bool
     return fields | kwargs
 
 
-def check_rows_kept(kept: int, rows: int, name: str, max_length: int) -> None:
-    """trl drops rows whose prompt alone fills max_length (nothing of the reply would be trained on): say how many,
-    and make a dataset left empty an error rather than a run that trains on nothing."""
-    if kept == 0:
+def drop_filled_prompts(rows, tokenizer, max_length: int, name: str):
+    """Rows whose chat-rendered prompt alone fills max_length leave no reply to train on. trl's DPO and KTO drop them;
+    its ORPO and CPO (SimPO) keep them with an empty reply, whose mean log-prob is 0/0: a nan gradient at step 1 on
+    hh_rlhf. So they are dropped here for every stage, the count said, and none left is an error."""
+    kept = [i for i, prompt in enumerate(rows["prompt"]) if len(chat_prompt_ids(tokenizer, prompt)) < max_length]
+    if not kept:
         raise NlpkitError(f"{name}: every row's prompt fills data.max_length={max_length} tokens (after the chat "
                           "template), so no reply is left to train on; raise data.max_length")
-    if kept < rows:
-        report.warn(f"{name}: {rows - kept} of {rows} rows dropped: their prompt fills data.max_length={max_length}")
+    if len(kept) < len(rows):
+        report.warn(f"{name}: {len(rows) - len(kept)} of {len(rows)} rows dropped: their prompt fills "
+                    f"data.max_length={max_length}")
+    return rows.select(kept)

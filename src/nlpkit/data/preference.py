@@ -134,7 +134,7 @@ def chat_prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
 def chat_reply_ids(tokenizer, prompt: list[dict], reply: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of a rendered prompt (with the generation prompt) and of its reply, as trl's preference trainers
     tokenize them (the reply starts where prompt + reply parts from the prompt alone), cut to max_length keeping
-    the start: the reply is empty when the prompt fills it (trl drops such rows)."""
+    the start: the reply is empty when the prompt fills it (stages.dpo drops such rows)."""
     prompt_ids = chat_prompt_ids(tokenizer, prompt)
     full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
     shared = len(os.path.commonprefix([prompt_ids, full]))

@@ -30,8 +30,8 @@ from pathlib import Path
 from nlpkit import heldout, report, runs, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import DPOSection, Recipe
-from nlpkit.data import (chat_prompt_ids, default_eval_source, kto_chats, open_source, preference_chats, prompt_column, split_prompts,
-                         subsample)
+from nlpkit.data import (chat_prompt_ids, default_eval_source, kto_chats, open_source, preference_chats, prompt_column,
+                         split_prompts, subsample)
 from nlpkit.errors import NlpkitError
 from nlpkit.models import bf16_is_fast, chat_tokenizer, distinct_pad, load_tokenizer
 from nlpkit.scoring import Scorer, check_reward_model, preference_metrics

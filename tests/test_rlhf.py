@@ -304,6 +304,8 @@ def test_trl_algorithms_run_with_our_scoring_and_log_the_reward_every_step(algo,
     assert all(0.0 <= entry["reward"] <= 1.0 for entry in steps)  # exact match is 0 or 1
     assert all("kl" in entry for entry in steps)  # beta > 0: a reference model and a KL term
     assert (tmp_path / "run" / "adapter_config.json").is_file()
+    merged = nlpkit("merge", tmp_path / "run", "--json")  # the run loads: its config.json is saved beside the adapter
+    assert merged.code == 0, merged.stderr
 
 
 # ---------------------------------------------------------------------------------------------- rewards computed by code

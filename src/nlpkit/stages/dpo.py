@@ -93,15 +93,10 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     )
 
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_rows": len(trainer.train_dataset)}
-    trainer.save_model(str(output_dir))  # first: model or adapter, tokenizer with its chat template
-    unwrapped = trainer.model.get_base_model() if cfg.peft is not None else trainer.model
-    if report.is_main_process():
-        unwrapped.generation_config.save_pretrained(output_dir)
-        if cfg.peft is not None:  # an adapter save has no config.json; runs.load_model reads it
-            unwrapped.config.save_pretrained(output_dir)
+    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # first: before the evaluation
     if eval_pairs is not None:
         if cfg.stage in REFERENCED and cfg.peft is None and reference is None:  # precomputed: load it for the eval
-            reference = runs.load_start(cfg.model, AutoModelForCausalLM, frozen=True).to(unwrapped.device)
+            reference = runs.load_start(cfg.model, AutoModelForCausalLM, frozen=True).to(trainer.model.device)
         metrics |= preference_metrics(trainer.model, tokenizer, eval_pairs, stage=cfg.stage, beta=dpo.beta,
                                       max_length=cfg.data.max_length, batch_size=cfg.train.per_device_eval_batch_size,
                                       bf16=bf16, reference=reference)

@@ -67,7 +67,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
     metrics |= {"reward_first_step": history[0]["reward"] if history else None,
                 "reward_last_step": history[-1]["reward"] if history else None, "logged_steps": len(history)}
-    trainer.save_model(str(output_dir))  # the adapter (with LoRA) or the policy, and the tokenizer
+    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # nlpkit eval, merge, chat load it
     task = {"algo": cfg.algo, "bf16": bf16, "labels": None, "train_prompts": len(records)}
     report.write_run(output_dir, cfg, metrics, task=task, datasets=[rows], started=started)
     return metrics

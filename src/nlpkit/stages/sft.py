@@ -81,12 +81,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
             metrics["sample"] = {"prompt": prompts[0][-1]["content"], "answer": answers[0]}
             report.info(f"sample\n  prompt: {prompts[0][-1]['content']}\n  answer: {answers[0]}")
 
-    trainer.save_model(str(output_dir))  # model or adapter, tokenizer with its chat template
-    unwrapped = trainer.model.get_base_model() if cfg.peft is not None else trainer.model
-    if report.is_main_process():
-        unwrapped.generation_config.save_pretrained(output_dir)
-        if cfg.peft is not None:  # an adapter save has no config.json; runs.load_model reads it
-            unwrapped.config.save_pretrained(output_dir)
+    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # tokenizer with its chat template
     task = {"format": fmt, "max_length": cfg.data.max_length, "bf16": bf16, "labels": None}
     datasets_used = [train_rows] + ([eval_rows] if eval_rows else [])
     report.write_run(output_dir, cfg, metrics, task=task, datasets=datasets_used, started=started)

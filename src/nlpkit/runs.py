@@ -16,7 +16,7 @@ from pathlib import Path
 from nlpkit import models
 from nlpkit.config import ModelSection, Recipe
 from nlpkit.recipes import validate_recipe
-from nlpkit.distributed import place, process_device
+from nlpkit.distributed import is_main_process, place, process_device
 from nlpkit.errors import NlpkitError
 
 MANIFEST = "nlpkit_run.json"
@@ -88,6 +88,17 @@ def write_json(path: Path, payload) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def save_causal_lm(trainer, output_dir: Path, adapter: bool) -> None:
+    """The trained model (with LoRA, only the adapter) and the tokenizer, then what an adapter save leaves out:
+    config.json, which load_model reads to rebuild the base, and the generation settings the run used."""
+    trainer.save_model(str(output_dir))
+    if is_main_process():
+        model = trainer.model.get_base_model() if adapter else trainer.model
+        model.generation_config.save_pretrained(output_dir)
+        if adapter:
+            model.config.save_pretrained(output_dir)
 
 
 def load_model(run: Run, *, quant=None, dequantize: bool = False, **kwargs):

@@ -120,17 +120,6 @@ def fit(trainer, cfg, checkpoint: Path | None, supervised: bool = True) -> dict:
     return {"train_loss": train_loss, **report.throughput(result.metrics)}
 
 
-def save_causal_lm(trainer, output_dir: Path, adapter: bool) -> None:
-    """The trained model (with LoRA, only the adapter) and the tokenizer, then what an adapter save leaves out:
-    config.json, which runs.load_model reads to rebuild the base, and the generation settings the run used."""
-    trainer.save_model(str(output_dir))
-    if report.is_main_process():
-        model = trainer.model.get_base_model() if adapter else trainer.model
-        model.generation_config.save_pretrained(output_dir)
-        if adapter:
-            model.config.save_pretrained(output_dir)
-
-
 # ---------------------------------------------------------------------------------------------- resume
 
 

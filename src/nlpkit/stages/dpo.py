@@ -93,7 +93,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     )
 
     metrics = {**training.fit(trainer, cfg, checkpoint), "train_rows": len(trainer.train_dataset)}
-    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # first: before the evaluation
+    runs.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # first: before the evaluation
     if eval_pairs is not None:
         if cfg.stage in REFERENCED and cfg.peft is None and reference is None:  # precomputed: load it for the eval
             reference = runs.load_start(cfg.model, AutoModelForCausalLM, frozen=True).to(trainer.model.device)

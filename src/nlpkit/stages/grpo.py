@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nlpkit import report, training
+from nlpkit import report, runs, training
 from nlpkit.adapters import peft_config
 from nlpkit.config import GRPOSection, Recipe
 from nlpkit.data import open_source, prompt_column, prompt_records
@@ -67,7 +67,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
     metrics |= {"reward_first_step": history[0]["reward"] if history else None,
                 "reward_last_step": history[-1]["reward"] if history else None, "logged_steps": len(history)}
-    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # nlpkit eval, merge, chat load it
+    runs.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # nlpkit eval, merge, chat load it
     task = {"algo": cfg.algo, "bf16": bf16, "labels": None, "train_prompts": len(records)}
     report.write_run(output_dir, cfg, metrics, task=task, datasets=[rows], started=started)
     return metrics

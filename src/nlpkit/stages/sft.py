@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nlpkit import report, training
+from nlpkit import report, runs, training
 from nlpkit.adapters import apply_peft
 from nlpkit.config import Recipe
 from nlpkit.data import default_eval_source, detect_sft_format, open_source, sft_dataset
@@ -81,7 +81,7 @@ def run(cfg: Recipe, output_dir: Path, resume: bool = False) -> dict:
             metrics["sample"] = {"prompt": prompts[0][-1]["content"], "answer": answers[0]}
             report.info(f"sample\n  prompt: {prompts[0][-1]['content']}\n  answer: {answers[0]}")
 
-    training.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # tokenizer with its chat template
+    runs.save_causal_lm(trainer, output_dir, adapter=cfg.peft is not None)  # tokenizer with its chat template
     task = {"format": fmt, "max_length": cfg.data.max_length, "bf16": bf16, "labels": None}
     datasets_used = [train_rows] + ([eval_rows] if eval_rows else [])
     report.write_run(output_dir, cfg, metrics, task=task, datasets=datasets_used, started=started)

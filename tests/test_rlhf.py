@@ -353,6 +353,27 @@ def test_gsm8k_prompts_pass_their_answer_column_to_the_reward(tmp_path, tiny_lla
     assert scorer.score(records * 2, ["so #### 2", "#### 3"]) == [1.0, 0.0]
 
 
+def test_ppo_scores_code_prompts_by_every_assert_with_the_recipes_weights(tmp_path, tiny_llama):
+    """rlhf-mbpp-ppo's scoring: a code set's hidden asserts reach unit_test_fraction, weighted with compiles."""
+    import torch
+
+    from conftest import write_code_problems
+    from nlpkit.data import open_source, prompt_column, prompt_records
+    from nlpkit.recipes import validate_recipe
+    from nlpkit.scoring import Scorer
+
+    cfg = validate_recipe({"stage": "rlhf", "model": {"name": str(tiny_llama)}, "data": {"train": "code.jsonl"},
+                           "reward": {"function": ["unit_test_fraction", "compiles"], "function_weight": [1.0, 0.2]}})
+    rows = open_source(str(write_code_problems(tmp_path / "code.jsonl")), "train", "data.train")
+    add = prompt_records(rows, prompt_column(rows, None))[0]  # shows one assert of three
+    completions = ["```python\ndef add(a, b):\n    return a + b\n```",  # passes all three
+                   "```python\ndef add(a, b):\n    return a + b + (a == 1)\n```",  # fails add(1, 1) == 2 only
+                   "```python\ndef plus(a, b):\n    return a + b\n```",  # parses, but not the tested name
+                   "add = lambda"]  # does not parse
+    scores = Scorer(cfg.reward, False, torch.device("cpu")).score([add] * 4, completions)
+    assert scores == pytest.approx([1.2, 2 / 3 + 0.2, 0.0, 0.0])
+
+
 def test_rollout_samples_exactly_the_configured_window_with_no_logits_processor():  # [4]
     import torch
 

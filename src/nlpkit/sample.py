@@ -150,9 +150,10 @@ def render_prompt(tokenizer, prompt: str) -> str:
 
 
 def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int, temperature: float,
-             bf16: bool, batch_size: int = 16) -> list[list[str]]:
+             bf16: bool, batch_size: int = 64) -> list[list[str]]:
     """`num_samples` completions per prompt (greedy when temperature is 0), each cut at its EOS: one generate() call
-    per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded."""
+    per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded. A CPU decodes 64
+    sequences a step in about the time it decodes 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
     import torch
 
     per_call = max(1, batch_size // num_samples)

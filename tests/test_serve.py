@@ -361,7 +361,7 @@ def test_an_adapter_run_is_served_with_its_adapter_folded_in(tmp_path, tiny_llam
     from transformers import AutoModelForCausalLM
 
     from helpers import nlpkit
-    from nlpkit.runs import load_causal_lm
+    from nlpkit.runs import load_model, open_run
     from test_sft import sft_recipe
 
     run = tmp_path / "run"
@@ -372,7 +372,7 @@ def test_an_adapter_run_is_served_with_its_adapter_folded_in(tmp_path, tiny_llam
     ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
     with torch.inference_mode():
         merged = served.model(ids).logits.float()
-        with_adapter = load_causal_lm(str(run), dtype=dtype)[0](ids).logits.float()
+        with_adapter = load_model(open_run(run), dtype=dtype)(ids).logits.float()
         base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype)(ids).logits.float()
     folding = (merged - with_adapter).abs().max()
     assert folding <= (3e-2 if dtype == torch.bfloat16 else 1e-4)  # bf16 rounds the merged weights once

@@ -151,16 +151,19 @@ def load_tokenizer(run: Run):
 
 
 def load_causal_lm(ref: str, **kwargs):
-    """A causal LM and its tokenizer: an sft or rlhf run (adapter or full), or any model reference (alias, directory,
-    hub id) with a chat template and a pad token that is not its EOS. Other keywords go to from_pretrained (export
-    asks for dtype=float32)."""
+    """A causal LM to generate with and its tokenizer: an sft or rlhf run (full, or its adapter folded into the base
+    unless the base is quantized), or any model reference (alias, directory, hub id) with a chat template and a pad
+    token that is not its EOS. Other keywords go to from_pretrained (export asks for dtype=float32)."""
     from transformers import AutoModelForCausalLM
 
     if is_run(ref):
         run = open_run(ref)
         if not run.is_causal_lm:
             raise NlpkitError(f"{ref}: a {run.stage} run, not a causal LM (sft or rlhf) run")
-        return load_model(run, **kwargs), load_tokenizer(run)
+        model = load_model(run, **kwargs)
+        if run.has_adapter and not getattr(model, "is_quantized", False):
+            model = model.merge_and_unload()  # only generated with: no adapter matmuls per layer and token
+        return model, load_tokenizer(run)
     model_cfg = ModelSection(name=ref)
     tokenizer = models.chat_tokenizer(models.load_tokenizer(model_cfg), None)
     return place(models.load_model(AutoModelForCausalLM, model_cfg, frozen=True, **kwargs)).eval(), tokenizer

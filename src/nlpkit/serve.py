@@ -76,8 +76,6 @@ def load_served(ref: str) -> Served:
 
     model, tokenizer = runs.load_causal_lm(ref, **(
         {"dtype": torch.bfloat16} if not torch.cuda.is_available() and bf16_is_fast() else {}))
-    if hasattr(model, "merge_and_unload") and not getattr(model, "is_quantized", False):
-        model = model.merge_and_unload()  # one adapter, never trained here: folded in, no extra matmuls per layer
     return Served(ref, "chat", model, tokenizer, model.config.max_position_embeddings)
 
 

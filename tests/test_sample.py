@@ -99,3 +99,29 @@ def test_eval_on_a_code_set_reports_pass_rates(tmp_path, tiny_llama):
     metrics = result.json()
     assert metrics["eval_problems"] == 2 and metrics["eval_samples_per_problem"] == 3
     assert metrics["eval_pass@1"] == metrics["eval_pass@3"] == metrics["eval_pass@1_sampled"] == 0.0
+
+
+def test_generate_batches_shortest_prompts_first_and_answers_in_the_prompts_order(tiny_llama):
+    """A stand-in model answers each row with the row itself, so every answer shows which prompt it was given."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from nlpkit.sample import generate
+
+    class Echo(torch.nn.Module):
+        device = torch.device("cpu")
+        batches: list[int] = []
+
+        def generate(self, input_ids, attention_mask, num_return_sequences=1, **_):
+            self.batches.append(int(attention_mask.sum(1).max()))
+            return torch.cat([input_ids, input_ids], dim=1).repeat_interleave(num_return_sequences, dim=0)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = None  # the prompt is the whole row
+    prompts = ["a much longer prompt than the others, with many more words in it", "short", "a middling prompt",
+               "tiny", "a prompt of some length"]
+    echo = Echo()
+    answers = generate(echo, tokenizer, prompts, 2, 8, 1.0, False, batch_size=4)
+    said = [tokenizer.decode(tokenizer(p)["input_ids"], skip_special_tokens=True).strip() for p in prompts]
+    assert answers == [[text, text] for text in said]
+    assert echo.batches == sorted(echo.batches) and len(echo.batches) == 3  # 2 prompts x 2 samples a call

@@ -28,10 +28,9 @@ def main() -> None:
     tokenizer = runs.load_tokenizer(run)
     prompts = [r["prompt"] for r in load_records("mbpp:test", args.problems)]
     results = {}
-    for name in ("adapter", "folded"):
-        model = runs.load_model(run)
-        if name == "folded":
-            model = model.merge_and_unload()
+    loaders = {"adapter": lambda: runs.load_model(run), "folded": lambda: runs.load_causal_lm(args.run)[0]}
+    for name, load in loaders.items():
+        model = load()
         start = time.perf_counter()
         answers = generate(model, tokenizer, prompts, 1, args.max_new_tokens, 0.0, bf16_is_fast())
         results[name] = (time.perf_counter() - start, answers)

@@ -161,7 +161,7 @@ def load_causal_lm(ref: str, **kwargs):
         if not run.is_causal_lm:
             raise NlpkitError(f"{ref}: a {run.stage} run, not a causal LM (sft or rlhf) run")
         model = load_model(run, **kwargs)
-        if run.has_adapter and not getattr(model, "is_quantized", False):
+        if run.has_adapter and run.recipe.quant is None:
             model = model.merge_and_unload()  # only generated with: no adapter matmuls per layer and token
         return model, load_tokenizer(run)
     model_cfg = ModelSection(name=ref)

@@ -152,8 +152,8 @@ def render_prompt(tokenizer, prompt: str) -> str:
 def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int, temperature: float,
              bf16: bool, batch_size: int = 64) -> list[list[str]]:
     """`num_samples` completions per prompt (greedy when temperature is 0), each cut at its EOS: one generate() call
-    per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded. A CPU decodes 64
-    sequences a step in about the time it decodes 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
+    per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded. 64: a CPU decodes
+    more sequences a step for little more time than 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
     import torch
 
     per_call = max(1, batch_size // num_samples)
@@ -161,8 +161,7 @@ def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tok
     sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples} \
         if temperature > 0 else {"do_sample": False}
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    # Shortest first: a batch pads every row to its longest prompt, and in MBPP's test order one 2,091-character
-    # prompt made its 51 neighbours decode against ~4x their context.
+    # Shortest first: a batch pads every row to its longest prompt, so rows of like length share a batch.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[list[str]] = [[] for _ in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"

@@ -101,6 +101,17 @@ def test_eval_on_a_code_set_reports_pass_rates(tmp_path, tiny_llama):
     assert metrics["eval_pass@1"] == metrics["eval_pass@3"] == metrics["eval_pass@1_sampled"] == 0.0
 
 
+def test_prompt_batches_give_a_far_longer_prompt_a_call_of_its_own():
+    from nlpkit.sample import prompt_batches
+
+    lengths = [30, 10, 1800, 20, 25, 12]
+    # per_call ends the first call at 4 prompts; then 2 x 1800 padded tokens > 400
+    assert prompt_batches(lengths, per_call=4, max_padded=400) == [[1, 5, 3, 4], [0], [2]]
+    # the budget alone: 4 x 25 <= 100 < 5 x 30, and 1800 > 100 goes alone
+    assert prompt_batches(lengths, per_call=8, max_padded=100) == [[1, 5, 3, 4], [0], [2]]
+    assert prompt_batches(lengths, per_call=8, max_padded=6 * 1800) == [[1, 5, 3, 4, 0, 2]]
+
+
 def test_generate_batches_shortest_prompts_first_and_answers_in_the_prompts_order(tiny_llama):
     """A stand-in model answers each row with the row itself, so every answer shows which prompt it was given."""
     import torch

@@ -31,6 +31,7 @@ from nlpkit.rewards import load_reward_function, unit_test_pass
 from nlpkit.scoring import Scorer
 
 SCORE_BATCH = 64  # completions scored together: one reward-model batch, one round of parallel sandboxes
+PADDED_TOKENS = 64 * 256  # sequences x padded prompt tokens in one generate() call: 64 of MBPP's prompts fit
 
 
 def run(model_ref: str, data_spec: str, num_samples: int, rewards: list[str], reward_model: str | None,
@@ -150,7 +151,7 @@ def render_prompt(tokenizer, prompt: str) -> str:
 
 
 def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int, temperature: float,
-             bf16: bool, batch_size: int = 64) -> list[list[str]]:
+             bf16: bool, batch_size: int = 64, padded_tokens: int = PADDED_TOKENS) -> list[list[str]]:
     """`num_samples` completions per prompt (greedy when temperature is 0), each cut at its EOS: one generate() call
     per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded. 64: a CPU decodes
     more sequences a step for little more time than 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
@@ -161,14 +162,13 @@ def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tok
     sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples} \
         if temperature > 0 else {"do_sample": False}
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    # Shortest first: a batch pads every row to its longest prompt, so rows of like length share a batch.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
     answers: list[list[str]] = [[] for _ in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
+    done = 0
     try:
-        for start in range(0, len(order), per_call):
-            rows = order[start:start + per_call]
+        for rows in prompt_batches(lengths, per_call, padded_tokens // count):
             batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
                               add_special_tokens=not tokenizer.chat_template).to(model.device)
             with torch.no_grad(), autocast(bf16, model.device):
@@ -177,10 +177,25 @@ def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tok
             decoded = [decode_until_eos(tokenizer, row.tolist()) for row in out[:, batch["input_ids"].shape[1]:]]
             for k, i in enumerate(rows):
                 answers[i] = decoded[k * count:(k + 1) * count]
-            report.info(f"generated for {min(start + per_call, len(prompts))}/{len(prompts)} prompts")
+            done += len(rows)
+            report.info(f"generated for {done}/{len(prompts)} prompts")
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def prompt_batches(lengths: list[int], per_call: int, max_padded: int) -> list[list[int]]:
+    """The prompts' indices grouped into generate() calls, shortest first: at most `per_call` prompts a call, and at
+    most `max_padded` prompt tokens once each is padded to the call's longest (a prompt longer than that alone gets a
+    call of its own). Every row of a call is padded to its longest prompt and decoded over that context, so one far
+    longer prompt (MBPP test task 493: 1,768 tokens with the chat template, the next longest 229) would make a whole
+    call of 64 as slow as 64 copies of it."""
+    calls: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not calls or len(calls[-1]) == per_call or (len(calls[-1]) + 1) * lengths[i] > max_padded:
+            calls.append([])
+        calls[-1].append(i)
+    return calls
 
 
 def decode_until_eos(tokenizer, ids: list[int]) -> str:

@@ -153,8 +153,9 @@ def render_prompt(tokenizer, prompt: str) -> str:
 def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int, temperature: float,
              bf16: bool, batch_size: int = 64, padded_tokens: int = PADDED_TOKENS) -> list[list[str]]:
     """`num_samples` completions per prompt (greedy when temperature is 0), each cut at its EOS: one generate() call
-    per `batch_size` sequences, num_return_sequences completions of each prompt in it, left-padded. 64: a CPU decodes
-    more sequences a step for little more time than 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
+    per `batch_size` sequences and at most `padded_tokens` sequences x padded prompt tokens (prompt_batches),
+    num_return_sequences completions of each prompt in it, left-padded. 64: a CPU decodes more sequences a step for
+    little more time than 16 (benchmarks/generation_batch.py, docs/code-rlhf.md)."""
     import torch
 
     per_call = max(1, batch_size // num_samples)

@@ -162,16 +162,15 @@ def generate(model, tokenizer, prompts: list[str], num_samples: int, max_new_tok
     count = num_samples if temperature > 0 else 1
     sampling = {"do_sample": True, "temperature": temperature, "num_return_sequences": num_samples} \
         if temperature > 0 else {"do_sample": False}
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"]]
+    ids = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=not tokenizer.chat_template)
+    ids = ids["input_ids"]  # tokenized once: the batching reads the lengths, each call pads its rows
     answers: list[list[str]] = [[] for _ in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     done = 0
     try:
-        for rows in prompt_batches(lengths, per_call, padded_tokens // count):
-            batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
-                              add_special_tokens=not tokenizer.chat_template).to(model.device)
+        for rows in prompt_batches([len(row) for row in ids], per_call, padded_tokens // count):
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(model.device)
             with torch.no_grad(), autocast(bf16, model.device):
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id, **sampling)

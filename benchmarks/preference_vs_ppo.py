@@ -7,7 +7,8 @@
 Each run answered the same held-out prompts greedily before and after training (ppo.eval_prompts, dpo.eval_prompts:
 the prompts an rlhf recipe on the same file and seed holds out; nlpkit/heldout.py), scored by the same reward model.
 This reads their heldout.jsonl, metrics.json and nlpkit_run.json, refuses runs whose prompts differ, and prints a
-Markdown table (reward-model score gain, KL to the reference, EOS rate, length, refusal rate overall and per prompt
+Markdown table (reward-model score gain with its paired standard error, the gain on the prompts answered without a
+refusal both before and after (the hh-only reward model pays for refusals: this shows what is left without them), KL to the reference, EOS rate, length, refusal rate overall and per prompt
 source, wall time and peak memory of the whole run) and the first --samples answers of each run, before and after.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from statistics import mean, stdev
 
 
 def read_run(path: Path) -> dict:
@@ -29,16 +31,26 @@ def read_run(path: Path) -> dict:
             "rows": [json.loads(line) for line in answers.read_text().splitlines()]}
 
 
+def gains(rows: list[dict]) -> str:
+    """Mean gain with its paired standard error, and the mean gain where neither answer is a refusal."""
+    diffs = [row["score_after"] - row["score_before"] for row in rows]
+    plain = [row["score_after"] - row["score_before"] for row in rows
+             if not row["refusal_before"] and not row["refusal_after"]]
+    return (f"{mean(diffs):+.3f} ± {stdev(diffs) / len(diffs) ** 0.5:.3f}",
+            f"{mean(plain):+.3f} ({len(plain)})" if plain else "-")
+
+
 def table(runs: list[dict]) -> str:
     sources = sorted({row.get("source", "") for row in runs[0]["rows"]} - {""})
-    head = ["run", "stage", "RM score before -> after (gain)", "KL (nats/answer)", "EOS rate", "length",
+    head = ["run", "stage", "RM score before -> after", "gain ± SE",
+            "gain without refusals (prompts)", "KL (nats/answer)", "EOS rate", "length",
             "refusals", *[f"refusals: {s}" for s in sources], "pair acc.", "wall (min)", "peak (GB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         m = run["metrics"]
         by_before, by_after = (m.get(f"eval_refusal_rate_by_source_{when}", {}) for when in ("before", "after"))
         cells = [run["name"], run["stage"],
-                 f"{m['eval_score_before']:+.3f} -> {m['eval_score_after']:+.3f} ({m['eval_score_gain']:+.3f})",
+                 f"{m['eval_score_before']:+.3f} -> {m['eval_score_after']:+.3f}", *gains(run["rows"]),
                  f"{m['eval_kl_after']:.2f}", f"{m['eval_eos_rate_before']:.2f} -> {m['eval_eos_rate_after']:.2f}",
                  f"{m['eval_length_before']:.1f} -> {m['eval_length_after']:.1f}",
                  f"{m['eval_refusal_rate_before']:.2f} -> {m['eval_refusal_rate_after']:.2f}",

@@ -101,3 +101,18 @@ def test_reward_with_lora_saves_adapter_and_head(tmp_path, toy_llama):
     evaluated = nlpkit("eval", run, "--data", tmp_path / "pref_test.jsonl", "--json")
     assert evaluated.code == 0, evaluated.stderr
     assert evaluated.json()["eval_pair_accuracy"] == pytest.approx(result.json()["eval_pair_accuracy"])
+
+
+def test_reward_on_a_merged_sft_run_loads_again_for_eval(tmp_path, tiny_llama):
+    """reward-mbpp's start: a score head and LoRA on a merged sft run (a causal LM directory with a manifest)."""
+    from test_sft import sft_recipe
+
+    sft, merged, run = tmp_path / "sft", tmp_path / "sft-merged", tmp_path / "rm"
+    assert nlpkit("finetune", sft_recipe(tmp_path, tiny_llama, max_steps=2), "--lora", "--output-dir", sft).code == 0
+    assert nlpkit("merge", sft, "--output-dir", merged).code == 0
+    result = nlpkit("finetune", reward_recipe(tmp_path, merged, steps=2), "--lora", "--output-dir", run, "--json")
+    assert result.code == 0, result.stderr
+    evaluated = nlpkit("eval", run, "--data", tmp_path / "pref_test.jsonl", "--json")
+    assert evaluated.code == 0, evaluated.stderr
+    assert evaluated.json()["eval_pair_accuracy"] == pytest.approx(result.json()["eval_pair_accuracy"])
+    assert evaluated.json()["eval_mean_margin"] == pytest.approx(result.json()["eval_mean_margin"], abs=1e-4)  # bf16

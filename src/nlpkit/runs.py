@@ -129,11 +129,14 @@ def load_model(run: Run, *, quant=None, dequantize: bool = False, **kwargs):
 def load_start(model_cfg, auto_class, *, quant=None, frozen: bool = False, **kwargs):
     """The model a run starts from: model.name as any reference (models.load_model), or a finished run of the same
     model class, with its adapter merged in. Merged, that run's model is the new run's base: its adapter (dpo on an
-    sft run) trains on top and is disabled to give exactly the starting model, the reference."""
+    sft run) trains on top and is disabled to give exactly the starting model, the reference. A causal LM run without
+    an adapter (a full fine-tune or a merge) may also start a score-head model, as the reward stage loads it."""
     if not is_run(model_cfg.name):
         return models.load_model(auto_class, model_cfg, quant=quant, frozen=frozen, **kwargs)
     start = open_run(model_cfg.name)
-    if start.auto_class is not auto_class or quant is not None:
+    score_head = auto_class.__name__.endswith("SequenceClassification")
+    grows_a_head = start.is_causal_lm and not start.has_adapter and score_head
+    if (start.auto_class is not auto_class and not grows_a_head) or quant is not None:
         raise NlpkitError(f"model.name {model_cfg.name}: a {start.stage} run, which cannot start this one"
                           f"{' with quant (merge it first: nlpkit merge)' if quant is not None else ''}")
     if not start.has_adapter:

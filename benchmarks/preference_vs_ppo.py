@@ -7,9 +7,10 @@
 Each run answered the same held-out prompts greedily before and after training (ppo.eval_prompts, dpo.eval_prompts:
 the prompts an rlhf recipe on the same file and seed holds out; nlpkit/heldout.py), scored by the same reward model.
 This reads their heldout.jsonl, metrics.json and nlpkit_run.json, refuses runs whose prompts differ, and prints a
-Markdown table (reward-model score gain with its paired standard error, the gain on the prompts answered without a
-refusal both before and after (the hh-only reward model pays for refusals: this shows what is left without them), KL to the reference, EOS rate, length, refusal rate overall and per prompt
-source, wall time and peak memory of the whole run) and the first --samples answers of each run, before and after.
+Markdown table (reward-model score gain with its paired standard error; the gain on the prompts answered without a
+refusal before and after, since the hh-only reward model pays for refusals; KL to the reference, EOS rate, length,
+refusal rate overall and per prompt source, wall time and peak memory of the whole run) and the first --samples
+answers of each run, before and after.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def read_run(path: Path) -> dict:
             "rows": [json.loads(line) for line in answers.read_text().splitlines()]}
 
 
-def gains(rows: list[dict]) -> str:
+def gains(rows: list[dict]) -> tuple[str, str]:
     """Mean gain with its paired standard error, and the mean gain where neither answer is a refusal."""
     diffs = [row["score_after"] - row["score_before"] for row in rows]
     plain = [row["score_after"] - row["score_before"] for row in rows

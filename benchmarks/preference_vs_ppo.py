@@ -35,8 +35,7 @@ def read_run(path: Path) -> dict:
 def gains(rows: list[dict]) -> tuple[str, str]:
     """Mean gain with its paired standard error, and the mean gain where neither answer is a refusal."""
     diffs = [row["score_after"] - row["score_before"] for row in rows]
-    plain = [row["score_after"] - row["score_before"] for row in rows
-             if not row["refusal_before"] and not row["refusal_after"]]
+    plain = [diff for diff, row in zip(diffs, rows) if not row["refusal_before"] and not row["refusal_after"]]
     return (f"{mean(diffs):+.3f} ± {stdev(diffs) / len(diffs) ** 0.5:.3f}",
             f"{mean(plain):+.3f} ({len(plain)})" if plain else "-")
 

@@ -134,8 +134,7 @@ def load_start(model_cfg, auto_class, *, quant=None, frozen: bool = False, **kwa
     if not is_run(model_cfg.name):
         return models.load_model(auto_class, model_cfg, quant=quant, frozen=frozen, **kwargs)
     start = open_run(model_cfg.name)
-    score_head = auto_class.__name__.endswith("SequenceClassification")
-    grows_a_head = start.is_causal_lm and not start.has_adapter and score_head
+    grows_a_head = start.is_causal_lm and not start.has_adapter and auto_class.__name__ == AUTO_CLASSES["reward"]
     if (start.auto_class is not auto_class and not grows_a_head) or quant is not None:
         raise NlpkitError(f"model.name {model_cfg.name}: a {start.stage} run, which cannot start this one"
                           f"{' with quant (merge it first: nlpkit merge)' if quant is not None else ''}")
